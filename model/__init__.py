@@ -1,0 +1,1 @@
+"""Model side: volume assembly, preprocessing, the paper's network, training and evaluation."""

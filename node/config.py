@@ -1,0 +1,230 @@
+"""Settings: one TOML file, overridden by MIGRAINE_NODE_* environment variables.
+
+Precedence (highest first): command-line flags, environment
+(``MIGRAINE_NODE_<SECTION>__<KEY>``, e.g. ``MIGRAINE_NODE_NODE__PORT=11112``),
+the TOML file, the defaults below. Unknown keys are errors, and every error
+names the key it is about. Built once at start-up and passed down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from node.errors import ConfigError
+
+ENV_PREFIX = "MIGRAINE_NODE_"
+CONFIG_ENV = "MIGRAINE_NODE_CONFIG"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 6.2: AE is at most 16 characters, no backslash or control characters;
+    # leading/trailing spaces are not significant.
+    stripped = value.strip()
+    if not stripped or len(stripped) > 16 or "\\" in stripped or re.search(r"[\x00-\x1f]", stripped):
+        raise ValueError("an AE title is 1-16 characters without backslash or control characters")
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    ae_title: str = "MIGRAINE_NODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    allowed_calling_aets: list[str] = []
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_aets(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in value]
+
+
+class StorageSection(_Section):
+    data_dir: Path = Path("migraine-node-data")
+    database_url: str = ""
+    min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value and "://" not in value:
+            raise ValueError("expected an SQLAlchemy URL such as sqlite:////var/lib/migraine-node/node.db")
+        return value
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'node.db').resolve()}"
+
+
+class SeriesSection(_Section):
+    idle_seconds: Annotated[float, Field(gt=0, le=86400)] = 10
+    max_wait_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 1800
+
+    @model_validator(mode="after")
+    def _order(self) -> SeriesSection:
+        if self.max_wait_seconds < self.idle_seconds:
+            raise ValueError("max_wait_seconds must be at least idle_seconds")
+        return self
+
+
+class ModelSection(_Section):
+    checkpoint: Path | None = None
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+
+class Destination(_Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    ae_title: str
+    host: str
+    port: Port
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    node: NodeSection = NodeSection()
+    storage: StorageSection = StorageSection()
+    series: SeriesSection = SeriesSection()
+    model: ModelSection = ModelSection()
+    destinations: list[Destination] = []
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: list[Destination]) -> list[Destination]:
+        names = [d.name for d in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique (repeated: {', '.join(dupes)})")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (_CliSource(settings_cls), env_settings, init_settings)
+
+
+class _CliSource(PydanticBaseSettingsSource):
+    """Command-line overrides, passed through load_settings(overrides=...)."""
+
+    overrides: dict[str, Any] = {}
+
+    def get_field_value(self, field, field_name):  # noqa: ANN001
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _CliSource.overrides
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    loc = [str(p) for p in error["loc"]]
+    if loc and loc[0] == "destinations" and len(loc) > 1:
+        where = f"[[destinations]] #{int(loc[1]) + 1}" + (f" {'.'.join(loc[2:])}" if len(loc) > 2 else "")
+    elif len(loc) >= 2:
+        where = f"[{loc[0]}] {'.'.join(loc[1:])}"
+    elif loc:
+        where = f"[{loc[0]}]" if loc[0] in Settings.model_fields else loc[0]
+    else:
+        where = "(top level)"
+    if loc and loc[0] == "destinations":
+        env = ENV_PREFIX + "DESTINATIONS (JSON list)"
+    else:
+        env = ENV_PREFIX + "__".join(p.upper() for p in loc)
+    if error["type"] == "extra_forbidden":
+        section = Settings.model_fields.get(loc[0]) if len(loc) > 1 else None
+        allowed = ""
+        if section is not None and isinstance(section.default, BaseModel):
+            allowed = f" (known keys: {', '.join(type(section.default).model_fields)})"
+        elif len(loc) == 1:
+            return f"[{loc[0]}]: unknown section (known sections: {', '.join(Settings.model_fields)})"
+        return f"{where}: unknown key{allowed}"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
+    return f"{where}: {message}{shown} [set in {source} or {env}]"
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load and validate settings; raise ConfigError naming each bad key.
+
+    `path` defaults to $MIGRAINE_NODE_CONFIG; with neither, built-in defaults.
+    """
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    stray = sorted(
+        name
+        for name in os.environ
+        if name.startswith(ENV_PREFIX)
+        and name != CONFIG_ENV
+        and name[len(ENV_PREFIX) :].split("__")[0].lower() not in Settings.model_fields
+    )
+    if stray:
+        raise ConfigError(
+            f"unknown environment variable(s): {', '.join(stray)} "
+            f"(expected {ENV_PREFIX}<SECTION>__<KEY> with SECTION one of {', '.join(Settings.model_fields)})"
+        )
+    saved = os.environ.pop(CONFIG_ENV, None)  # not a setting; keep it out of the env source
+    _CliSource.overrides = _deep_merge({}, overrides or {})
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    finally:
+        _CliSource.overrides = {}
+        if saved is not None:
+            os.environ[CONFIG_ENV] = saved

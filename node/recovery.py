@@ -1,0 +1,70 @@
+"""Start-up recovery: the fsynced spool is the source of truth.
+
+Removes temporary files a crash left behind, records every complete spool
+file that has no row (for example a row lost with the WAL on power failure),
+and drops rows whose file never became durable (ingest commits the row while
+the file's fsync runs; the sender got no success for such an instance).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pydicom
+
+from node.header import header_from_dataset
+from storage.spool import Spool, SpoolKey
+from storage.store import InstanceRecord, JobStore, StoreError
+
+log = logging.getLogger(__name__)
+
+
+def recover(spool: Spool, store: JobStore) -> tuple[int, int, int]:
+    """Returns (partial files removed, rows rebuilt, rows dropped)."""
+    removed = spool.remove_partial_files()
+    known = store.instance_paths()
+    files = dict(spool.iter_files())
+    dropped = 0
+    for relative, (series_uid, sop_uid) in known.items():
+        if relative not in files:
+            store.forget_instance(series_uid, sop_uid)
+            dropped += 1
+    rebuilt = 0
+    for relative, path in files.items():
+        if relative in known:
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            header = header_from_dataset(ds)
+            record = InstanceRecord(
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=str(ds.file_meta.MediaStorageSOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=SpoolKey(
+                    header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+                ).relative_path,
+                size_bytes=path.stat().st_size,
+                modality=header.modality,
+                series_description=header.series_description,
+                series_number=header.series_number,
+                instance_number=header.instance_number,
+                number_of_frames=header.number_of_frames,
+                expected_instances=header.expected_instances,
+                calling_ae_title=str(ds.file_meta.get("SourceApplicationEntityTitle", "")).strip() or None,
+            )
+            if record.path != relative:
+                raise StoreError("file name does not match its UIDs")
+            store.record_instance(record, replaced_content=False, now=path.stat().st_mtime)
+            rebuilt += 1
+        except Exception as exc:  # one bad file must not stop start-up
+            log.error("spool file %s could not be recorded: %s", relative, exc)
+    if removed or rebuilt or dropped:
+        log.warning(
+            "recovery: removed %d partial file(s), rebuilt %d instance row(s), dropped %d row(s) without a file",
+            removed,
+            rebuilt,
+            dropped,
+        )
+    return removed, rebuilt, dropped

@@ -1,0 +1,303 @@
+"""C-STORE / C-ECHO SCP: save each instance durably, record it, then answer.
+
+Only saving and recording happen here; completion is node/tracker.py's job and
+nothing heavier runs on an association thread. Success (0x0000) is returned
+only after the spool file is fsynced and renamed and its row committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.config import Settings
+from node.dimse_tuning import tune_association
+from node.errors import IngestError, StoreStatus
+from node.header import HeaderError, read_header
+from node.logs import log_context
+from storage.spool import Spool, SpoolError, SpoolKey, encode_file_meta
+from storage.store import InstanceRecord, JobStore, RecordOutcome, StoreError
+from storage.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+)
+
+
+class ActiveAssociations:
+    """Which open associations have sent instances of which series."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[int, set[str]] = defaultdict(set)
+
+    def add(self, assoc_key: int, series_instance_uid: str) -> None:
+        with self._lock:
+            self._series[assoc_key].add(series_instance_uid)
+
+    def end(self, assoc_key: int) -> set[str]:
+        """Forget an association; returns the series it had sent."""
+        with self._lock:
+            return self._series.pop(assoc_key, set())
+
+    def senders_active(self, series_instance_uid: str) -> bool:
+        with self._lock:
+            return any(series_instance_uid in s for s in self._series.values())
+
+
+class Ingest:
+    """Validate, spool and record one C-STORE dataset."""
+
+    def __init__(self, spool: Spool, store: JobStore, min_free_disk_mb: int) -> None:
+        self.spool = spool
+        self.store = store
+        self.min_free_bytes = min_free_disk_mb * 1024 * 1024
+
+    def _prepare(
+        self,
+        encoded: bytes,
+        transfer_syntax_uid: str,
+        affected_sop_class_uid: str,
+        affected_sop_instance_uid: str,
+        calling_ae_title: str,
+        chunks: tuple[bytes, ...],
+    ) -> tuple[InstanceRecord, bool | None]:
+        """Parse and validate the header; returns the record and whether it
+        replaces different content (None: no file for this UID yet)."""
+        try:
+            header = read_header(encoded, transfer_syntax_uid)
+        except HeaderError as exc:
+            raise IngestError(StoreStatus.CANNOT_UNDERSTAND, str(exc)) from None
+        for keyword, value in (
+            ("SOPInstanceUID", header.sop_instance_uid),
+            ("SeriesInstanceUID", header.series_instance_uid),
+            ("StudyInstanceUID", header.study_instance_uid),
+        ):
+            if value is None:
+                raise IngestError(StoreStatus.MISSING_OR_INVALID_UID, f"{keyword} missing")
+            if not is_valid_uid(value):
+                raise IngestError(StoreStatus.MISSING_OR_INVALID_UID, f"{keyword} is not a valid UID")
+        if header.sop_instance_uid != affected_sop_instance_uid:
+            raise IngestError(StoreStatus.UID_MISMATCH, "SOPInstanceUID differs from the request's")
+        key = SpoolKey(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+        replaced = not self.spool.same_content(key, chunks) if self.spool.path_for(key).exists() else None
+        record = InstanceRecord(
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=affected_sop_class_uid,
+            transfer_syntax_uid=str(transfer_syntax_uid),
+            path=key.relative_path,
+            size_bytes=sum(len(c) for c in chunks),
+            modality=header.modality,
+            series_description=header.series_description,
+            series_number=header.series_number,
+            instance_number=header.instance_number,
+            number_of_frames=header.number_of_frames,
+            expected_instances=header.expected_instances,
+            calling_ae_title=calling_ae_title,
+        )
+        return record, replaced
+
+    def receive(
+        self,
+        encoded: bytes,
+        transfer_syntax_uid: str,
+        affected_sop_class_uid: str,
+        affected_sop_instance_uid: str,
+        calling_ae_title: str,
+    ) -> tuple[InstanceRecord, RecordOutcome]:
+        """Store one instance durably; raises IngestError with the status to send.
+
+        Order: file staged and fdatasynced, row committed, file renamed into
+        place and its directory fsynced, then success. A crash between the
+        commit and the rename leaves a row without a file, which recovery
+        drops; the sender never saw success for it.
+        """
+        if not is_valid_uid(affected_sop_instance_uid):
+            raise IngestError(StoreStatus.MISSING_OR_INVALID_UID, "request's Affected SOP Instance UID is not valid")
+        if self.spool.free_bytes() < self.min_free_bytes:
+            raise IngestError(StoreStatus.OUT_OF_RESOURCES, "free disk below min_free_disk_mb")
+        chunks = (
+            encode_file_meta(affected_sop_class_uid, affected_sop_instance_uid, transfer_syntax_uid, calling_ae_title),
+            encoded,
+        )
+        record, replaced = self._prepare(
+            encoded, transfer_syntax_uid, affected_sop_class_uid, affected_sop_instance_uid, calling_ae_title, chunks
+        )
+        staged = None
+        if replaced is not False:  # new, or different bytes than the spooled file
+            try:
+                staged = self.spool.stage(record.sop_instance_uid, chunks)
+            except SpoolError as exc:
+                raise IngestError(StoreStatus.OUT_OF_RESOURCES, str(exc)) from None
+        try:
+            outcome = self.store.record_instance(record, replaced_content=bool(replaced))
+        except (StoreError, SQLAlchemyError) as exc:
+            if staged is not None:
+                self.spool.discard(staged)
+            if isinstance(exc, StoreError):
+                raise IngestError(StoreStatus.UID_MISMATCH, str(exc)) from None
+            log.error("database error recording %s: %s", record.sop_instance_uid, type(exc).__name__)
+            raise IngestError(StoreStatus.OUT_OF_RESOURCES, "database unavailable; retry later") from None
+        if staged is not None:
+            key = SpoolKey(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid)
+            try:
+                self.spool.commit(staged, key)
+            except SpoolError as exc:
+                if outcome is RecordOutcome.NEW:
+                    self.store.forget_instance(record.series_instance_uid, record.sop_instance_uid)
+                raise IngestError(StoreStatus.OUT_OF_RESOURCES, str(exc)) from None
+        return record, outcome
+
+
+def _status(status: StoreStatus, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = int(status)
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def handle_store(event: evt.Event, ingest: Ingest, active: ActiveAssociations) -> int | Dataset:
+    """EVT_C_STORE: never raises; every outcome is a DIMSE status."""
+    request = event.request
+    calling = event.assoc.requestor.ae_title
+    try:
+        record, outcome = ingest.receive(
+            request.DataSet.getvalue(),
+            event.context.transfer_syntax,
+            request.AffectedSOPClassUID,
+            request.AffectedSOPInstanceUID,
+            calling,
+        )
+    except IngestError as exc:
+        log.warning(
+            "C-STORE from %s refused with 0x%04X: %s (sop_instance_uid=%s)",
+            calling,
+            exc.status,
+            exc,
+            request.AffectedSOPInstanceUID if is_valid_uid(request.AffectedSOPInstanceUID) else "<invalid>",
+        )
+        return _status(exc.status, str(exc))
+    except Exception:  # a bug must not take the association down silently
+        log.exception("unexpected error storing an instance from %s", calling)
+        return _status(StoreStatus.OUT_OF_RESOURCES, "internal error; retry later")
+    active.add(id(event.assoc), record.series_instance_uid)
+    if log.isEnabledFor(logging.DEBUG):
+        with log_context(series=record.series_instance_uid):
+            log.debug("stored %s (%s)", record.sop_instance_uid, outcome)
+    return StoreStatus.SUCCESS
+
+
+def handle_echo(event: evt.Event) -> int:
+    return 0x0000
+
+
+def handle_conn_open(event: evt.Event) -> None:
+    """Send each response at once (Nagle's algorithm costs ~40 ms per C-STORE)
+    and poll the socket more often than pynetdicom's default."""
+    tune_association(event.assoc)
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def handle_requested(event: evt.Event, allowed: frozenset[str]) -> None:
+    calling = event.assoc.requestor.ae_title
+    if allowed and calling not in allowed:
+        log.warning(
+            "association from %s (%s) rejected: calling AE title not in allowed_calling_aets",
+            calling,
+            event.address[0],
+        )
+
+
+def handle_assoc_end(event: evt.Event, active: ActiveAssociations, on_end: Callable[[Iterable[str]], None]) -> None:
+    series = active.end(id(event.assoc))
+    if series:
+        log.info(
+            "association from %s ended (%s); series: %s",
+            event.assoc.requestor.ae_title,
+            event.event.name,
+            ", ".join(sorted(series)),
+        )
+        on_end(series)
+
+
+def build_ae(settings: Settings) -> AE:
+    """The acceptor: Verification plus every storage SOP class."""
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs
+    ae.maximum_associations = settings.node.max_associations
+    ae.require_called_aet = True
+    if settings.node.allowed_calling_aets:
+        ae.require_calling_aet = list(settings.node.allowed_calling_aets)
+    ae.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    return ae
+
+
+def event_handlers(
+    settings: Settings,
+    ingest: Ingest,
+    active: ActiveAssociations,
+    on_association_end: Callable[[Iterable[str]], None],
+) -> list:
+    allowed = frozenset(settings.node.allowed_calling_aets)
+    return [
+        (evt.EVT_CONN_OPEN, handle_conn_open),
+        (evt.EVT_REQUESTED, handle_requested, [allowed]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [ingest, active]),
+        (evt.EVT_RELEASED, handle_assoc_end, [active, on_association_end]),
+        (evt.EVT_ABORTED, handle_assoc_end, [active, on_association_end]),
+        (evt.EVT_CONN_CLOSE, handle_assoc_end, [active, on_association_end]),
+    ]

@@ -1,0 +1,1 @@
+"""Durable state of the node: spool files on disk and job state in SQL (SQLAlchemy)."""

@@ -1,0 +1,118 @@
+"""SQLAlchemy tables: Series, Instance, Job, Delivery (see docs/architecture.md).
+
+No patient name, ID or birth date is stored here: only UIDs, technical
+attributes and pipeline state. Times are UTC epoch seconds (float).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class SeriesState(StrEnum):
+    RECEIVING = "receiving"
+    """Instances are arriving; not yet judged complete."""
+    COMPLETE = "complete"
+    """All instances are believed received; waiting for selection."""
+    QUEUED = "queued"
+    """Selected as 3D T1; waiting for a worker."""
+    CLASSIFYING = "classifying"
+    """A worker holds the job."""
+    CLASSIFIED = "classified"
+    """Prediction made and SR written; deliveries pending."""
+    DELIVERED = "delivered"
+    """The SR reached every destination."""
+    SKIPPED = "skipped"
+    """Not a series the model accepts; `reason` says why."""
+    FAILED = "failed"
+    """Gave up after the retry budget; `reason` says why."""
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    """Waiting to be sent (or retried)."""
+    SENT = "sent"
+    """The destination acknowledged the SR."""
+    FAILED = "failed"
+    """Permanent refusal or retry budget spent."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    # Completion evidence: Images in Acquisition (0020,1002), or 1 for a
+    # multi-frame object that carries the whole series.
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), index=True, default=SeriesState.RECEIVING)
+    reason: Mapped[str | None] = mapped_column(Text)
+    # Incremented when a completed series is reopened by a late instance.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    first_received_at: Mapped[float] = mapped_column(Float)
+    last_received_at: Mapped[float] = mapped_column(Float)
+    completed_at: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(
+        String(64), ForeignKey("series.series_instance_uid"), index=True
+    )
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(200))
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class Job(Base):
+    """One classification attempt of one version of a series."""
+
+    __tablename__ = "job"
+    __table_args__ = (UniqueConstraint("series_instance_uid", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    series_instance_uid: Mapped[str] = mapped_column(
+        String(64), ForeignKey("series.series_instance_uid"), index=True
+    )
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    instances: Mapped[int] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Delivery(Base):
+    """One SR to one destination."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (Index("ix_delivery_state_next", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("job.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[float] = mapped_column(Float)

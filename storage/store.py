@@ -1,0 +1,339 @@
+"""Every state change of the node, each one transaction.
+
+Callers never touch the tables directly: the SCP records instances here, the
+tracker completes series here, the CLI reads views from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import Engine, func, insert, select, text, update
+from sqlalchemy.exc import OperationalError
+
+from storage.models import Instance, Job, Series, SeriesState
+
+
+class StoreError(Exception):
+    """A state change was refused (for example a UID conflict)."""
+
+
+class RecordOutcome(StrEnum):
+    NEW = "new"
+    """First time this SOP Instance UID was seen."""
+    DUPLICATE = "duplicate"
+    """Same UID and same bytes as before: nothing changed."""
+    REPLACED = "replaced"
+    """Same UID with different bytes: file overwritten, counted once."""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What ingest learned about one stored instance (no patient data)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    modality: str | None = None
+    series_description: str | None = None
+    series_number: int | None = None
+    instance_number: int | None = None
+    number_of_frames: int = 1
+    expected_instances: int | None = None
+    calling_ae_title: str | None = None
+
+
+@dataclass(frozen=True)
+class SeriesSnapshot:
+    """The facts the completion rules look at."""
+
+    series_instance_uid: str
+    instances: int
+    expected_instances: int | None
+    first_received_at: float
+    last_received_at: float
+
+
+@dataclass(frozen=True)
+class SeriesView:
+    """A series as admins see it (`jobs`, `show`). Keys are a stable contract."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    series_description: str | None
+    modality: str | None
+    instances: int
+    expected_instances: int | None
+    state: str
+    reason: str | None
+    version: int
+    calling_ae_title: str | None
+    first_received_at: str
+    last_received_at: str
+    completed_at: str | None
+    updated_at: str
+    jobs: list[dict] = field(default_factory=list)
+
+    def to_json(self, detail: bool = False) -> dict:
+        data = asdict(self)
+        if not detail:
+            data.pop("jobs")
+        return data
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# Hot-path SQL (one C-STORE = one transaction of these). Plain, portable SQL
+# with :named parameters: run on the pooled DBAPI connection for SQLite (the
+# SQLAlchemy execution layer cost 3x the database work here), through text()
+# on other databases.
+_SELECT_INSTANCE_SERIES = "SELECT series_instance_uid FROM instance WHERE sop_instance_uid = :sop"
+_SELECT_SERIES = "SELECT study_instance_uid, state, version FROM series WHERE series_instance_uid = :series"
+_INSERT_SERIES = (
+    "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_description, series_number, "
+    "calling_ae_title, expected_instances, instances, state, version, first_received_at, last_received_at, "
+    "updated_at) VALUES (:series_instance_uid, :study_instance_uid, :modality, :series_description, "
+    ":series_number, :calling_ae_title, :expected_instances, :instances, :state, 1, :now, :now, :now)"
+)
+_INSERT_INSTANCE = (
+    "INSERT INTO instance (sop_instance_uid, series_instance_uid, sop_class_uid, transfer_syntax_uid, "
+    "number_of_frames, instance_number, size_bytes, path, received_at) VALUES (:sop_instance_uid, "
+    ":series_instance_uid, :sop_class_uid, :transfer_syntax_uid, :number_of_frames, :instance_number, "
+    ":size_bytes, :path, :received_at)"
+)
+_REPLACE_INSTANCE = (
+    "UPDATE instance SET sop_class_uid = :sop_class_uid, transfer_syntax_uid = :transfer_syntax_uid, "
+    "number_of_frames = :number_of_frames, instance_number = :instance_number, size_bytes = :size_bytes, "
+    "path = :path, received_at = :received_at WHERE sop_instance_uid = :sop_instance_uid"
+)
+_COUNT_INSTANCE = (
+    "UPDATE series SET instances = instances + :added, last_received_at = :now, updated_at = :now, "
+    "expected_instances = COALESCE(:expected, expected_instances) WHERE series_instance_uid = :series"
+)
+# A new or changed instance after completion reopens the series as a new version.
+_REOPEN_SERIES = (
+    "UPDATE series SET instances = instances + :added, last_received_at = :now, updated_at = :now, "
+    "first_received_at = :now, expected_instances = COALESCE(:expected, expected_instances), "
+    "state = 'receiving', version = version + 1, reason = :reason, completed_at = NULL "
+    "WHERE series_instance_uid = :series"
+)
+_FORGET_INSTANCE = "DELETE FROM instance WHERE sop_instance_uid = :sop"
+_UNCOUNT_INSTANCE = "UPDATE series SET instances = instances - 1 WHERE series_instance_uid = :series"
+
+
+class JobStore:
+    """State transitions over one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # ---- ingest -------------------------------------------------------------
+    @contextlib.contextmanager
+    def _sql(self) -> Iterator[Callable[[str, dict], Any]]:
+        """One transaction; yields run(sql, params) -> result with fetchone()."""
+        if self.engine.dialect.name == "sqlite":
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    yield cur.execute
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+                cur.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise OperationalError("sqlite", None, exc) from exc
+            finally:
+                raw.close()
+        else:
+            with self.engine.begin() as conn:
+                yield lambda sql, params: conn.execute(text(sql), params)
+
+    def record_instance(self, rec: InstanceRecord, replaced_content: bool, now: float | None = None) -> RecordOutcome:
+        """Record a spooled instance; reopens a completed series if anything is new.
+
+        `replaced_content` says the spool already held this SOP Instance UID
+        with different bytes (the caller compared them before overwriting).
+        """
+        now = time.time() if now is None else now
+        row = {
+            "sop_instance_uid": rec.sop_instance_uid,
+            "series_instance_uid": rec.series_instance_uid,
+            "sop_class_uid": rec.sop_class_uid,
+            "transfer_syntax_uid": rec.transfer_syntax_uid,
+            "number_of_frames": rec.number_of_frames,
+            "instance_number": rec.instance_number,
+            "size_bytes": rec.size_bytes,
+            "path": rec.path,
+            "received_at": now,
+        }
+        with self._sql() as run:
+            known = run(_SELECT_INSTANCE_SERIES, {"sop": rec.sop_instance_uid}).fetchone()
+            if known is not None and known[0] != rec.series_instance_uid:
+                raise StoreError("SOP Instance UID already recorded in another series")
+            if known is not None and not replaced_content:
+                return RecordOutcome.DUPLICATE
+            series = run(_SELECT_SERIES, {"series": rec.series_instance_uid}).fetchone()
+            added = 0 if known is not None else 1
+            counted = {"series": rec.series_instance_uid, "added": added, "now": now, "expected": rec.expected_instances}
+            if series is None:
+                run(
+                    _INSERT_SERIES,
+                    {
+                        "series_instance_uid": rec.series_instance_uid,
+                        "study_instance_uid": rec.study_instance_uid,
+                        "modality": rec.modality,
+                        "series_description": rec.series_description,
+                        "series_number": rec.series_number,
+                        "calling_ae_title": rec.calling_ae_title,
+                        "expected_instances": rec.expected_instances,
+                        "instances": added,
+                        "state": SeriesState.RECEIVING.value,
+                        "now": now,
+                    },
+                )
+            elif series[0] != rec.study_instance_uid:
+                raise StoreError("Series Instance UID already recorded in another study")
+            elif series[1] == SeriesState.RECEIVING:
+                run(_COUNT_INSTANCE, counted)
+            else:
+                run(_REOPEN_SERIES, {**counted, "reason": f"reopened: new or changed instance after {series[1]}"})
+            if known is None:
+                run(_INSERT_INSTANCE, row)
+                return RecordOutcome.NEW
+            run(_REPLACE_INSTANCE, row)
+            return RecordOutcome.REPLACED
+
+    def forget_instance(self, series_instance_uid: str, sop_instance_uid: str) -> None:
+        """Undo a NEW record whose spool file could not be made durable."""
+        with self._sql() as run:
+            run(_FORGET_INSTANCE, {"sop": sop_instance_uid})
+            run(_UNCOUNT_INSTANCE, {"series": series_instance_uid})
+
+    def instance_paths(self) -> dict[str, tuple[str, str]]:
+        """Spool path -> (series UID, SOP Instance UID) of every recorded instance."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(Instance.path, Instance.series_instance_uid, Instance.sop_instance_uid))
+            return {path: (series, sop) for path, series, sop in rows}
+
+    # ---- completion ---------------------------------------------------------
+    def receiving_series(self) -> list[SeriesSnapshot]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    Series.series_instance_uid,
+                    Series.instances,
+                    Series.expected_instances,
+                    Series.first_received_at,
+                    Series.last_received_at,
+                ).where(Series.state == SeriesState.RECEIVING)
+            ).all()
+        return [SeriesSnapshot(*row) for row in rows]
+
+    def mark_complete(self, snapshot: SeriesSnapshot, reason: str, now: float | None = None) -> bool:
+        """Complete the series unless an instance arrived since `snapshot`.
+
+        Creates the Job for this version of the series. Returns False when the
+        series changed meanwhile (the next tick looks again).
+        """
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(Series)
+                .where(
+                    Series.series_instance_uid == snapshot.series_instance_uid,
+                    Series.state == SeriesState.RECEIVING,
+                    Series.last_received_at == snapshot.last_received_at,
+                )
+                .values(state=SeriesState.COMPLETE, reason=reason, completed_at=now, updated_at=now)
+                .returning(Series.version, Series.instances)
+            ).first()
+            if changed is None:
+                return False
+            conn.execute(
+                insert(Job).values(
+                    series_instance_uid=snapshot.series_instance_uid,
+                    version=changed.version,
+                    state=SeriesState.COMPLETE,
+                    reason=reason,
+                    instances=changed.instances,
+                    attempts=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            return True
+
+    # ---- views --------------------------------------------------------------
+    def list_series(self, state: str | None = None) -> list[SeriesView]:
+        query = select(Series).order_by(Series.updated_at.desc())
+        if state is not None:
+            query = query.where(Series.state == state)
+        with self.engine.connect() as conn:
+            return [self._view(row) for row in conn.execute(query).all()]
+
+    def get_series(self, series_instance_uid: str) -> SeriesView | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(Series).where(Series.series_instance_uid == series_instance_uid)).first()
+            if row is None:
+                return None
+            jobs = conn.execute(
+                select(Job).where(Job.series_instance_uid == series_instance_uid).order_by(Job.version)
+            ).all()
+        view = self._view(row)
+        view.jobs.extend(
+            {
+                "job_id": j.id,
+                "version": j.version,
+                "state": j.state,
+                "reason": j.reason,
+                "instances": j.instances,
+                "attempts": j.attempts,
+                "created_at": iso(j.created_at),
+                "updated_at": iso(j.updated_at),
+            }
+            for j in jobs
+        )
+        return view
+
+    def count_instances(self, series_instance_uid: str | None = None) -> int:
+        query = select(func.count()).select_from(Instance)
+        if series_instance_uid is not None:
+            query = query.where(Instance.series_instance_uid == series_instance_uid)
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar_one()
+
+    @staticmethod
+    def _view(row) -> SeriesView:  # noqa: ANN001
+        return SeriesView(
+            series_instance_uid=row.series_instance_uid,
+            study_instance_uid=row.study_instance_uid,
+            series_description=row.series_description,
+            modality=row.modality,
+            instances=row.instances,
+            expected_instances=row.expected_instances,
+            state=row.state,
+            reason=row.reason,
+            version=row.version,
+            calling_ae_title=row.calling_ae_title,
+            first_received_at=iso(row.first_received_at),
+            last_received_at=iso(row.last_received_at),
+            completed_at=iso(row.completed_at),
+            updated_at=iso(row.updated_at),
+        )
