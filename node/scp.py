@@ -249,13 +249,24 @@ def handle_conn_open(event: evt.Event) -> None:
             pass
 
 
-def handle_requested(event: evt.Event, allowed: frozenset[str]) -> None:
-    calling = event.assoc.requestor.ae_title
+def handle_requested(event: evt.Event, own_ae_title: str, allowed: frozenset[str]) -> None:
+    """Log why pynetdicom is about to reject an association (it says nothing itself)."""
+    request = event.assoc.requestor.primitive  # A-ASSOCIATE-RQ, not yet negotiated
+    calling = str(request.calling_ae_title).strip()
+    called = str(request.called_ae_title).strip()
     if allowed and calling not in allowed:
         log.warning(
             "association from %s (%s) rejected: calling AE title not in allowed_calling_aets",
             calling,
-            event.address[0],
+            event.assoc.requestor.address,
+        )
+    elif called != own_ae_title:
+        log.warning(
+            "association from %s (%s) rejected: called AE title %r is not ours (%s)",
+            calling,
+            event.assoc.requestor.address,
+            called,
+            own_ae_title,
         )
 
 
@@ -294,7 +305,7 @@ def event_handlers(
     allowed = frozenset(settings.node.allowed_calling_aets)
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
-        (evt.EVT_REQUESTED, handle_requested, [allowed]),
+        (evt.EVT_REQUESTED, handle_requested, [settings.node.ae_title, allowed]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ingest, active]),
         (evt.EVT_RELEASED, handle_assoc_end, [active, on_association_end]),

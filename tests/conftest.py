@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model.synth import SyntheticSeries, write_classic_series
+from tests.peers import NodeProcess
+
+
+@pytest.fixture(scope="session")
+def t1_series(tmp_path_factory) -> tuple[Path, SyntheticSeries]:
+    """The paper's acquisition size: 170 sagittal slices of 256x256."""
+    out = tmp_path_factory.mktemp("t1-170")
+    return out, write_classic_series(out, slices=170, rows=256, columns=256)
+
+
+@pytest.fixture(scope="session")
+def small_series(tmp_path_factory) -> tuple[Path, SyntheticSeries]:
+    out = tmp_path_factory.mktemp("t1-small")
+    return out, write_classic_series(out, slices=48, rows=64, columns=64, seed=7)
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    started: list[NodeProcess] = []
+
+    def make(**kwargs) -> NodeProcess:
+        root = tmp_path / f"node{len(started)}"
+        root.mkdir()
+        node = NodeProcess.write_config(root, **kwargs)
+        started.append(node)
+        return node
+
+    yield make
+    for node in started:
+        node.stop()
+

@@ -1,0 +1,50 @@
+"""Admin CLI against a real node: jobs/show/echo through main(argv)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from node.cli import main
+from tests.peers import DCMTK_ENV, STORESCU, free_port, wait_until
+
+JSON_KEYS = {"series_instance_uid", "study_instance_uid", "series_description", "instances", "state", "reason",
+             "updated_at"}
+
+
+def test_jobs_show_and_echo(node_factory, small_series, capsys):
+    series_dir, series = small_series
+    node = node_factory(idle_seconds=1).start()
+    assert subprocess.run([STORESCU, "-aec", "MIGNODE", "127.0.0.1", str(node.port), "+sd", str(series_dir)],
+                          env=DCMTK_ENV, capture_output=True, timeout=120).returncode == 0
+    config = str(node.config)
+
+    def listed(state):
+        capsys.readouterr()
+        assert main(["jobs", "--state", state, "--json", "--config", config]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    [row] = wait_until(lambda: listed("complete"), timeout=20, what="complete series")
+    assert JSON_KEYS <= row.keys()
+    assert row["series_instance_uid"] == series.series_instance_uid and row["instances"] == 48
+    assert listed("receiving") == []
+
+    assert main(["jobs", "--config", config]) == 0
+    table = capsys.readouterr().out
+    assert series.series_instance_uid in table and "complete" in table
+
+    assert main(["show", series.series_instance_uid, "--json", "--config", config]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert JSON_KEYS <= shown.keys()
+    assert shown["jobs"][0]["version"] == 1 and shown["jobs"][0]["state"] == "complete"
+    assert main(["show", "1.2.3.4.5", "--config", config]) == 1
+    assert "no series" in capsys.readouterr().err
+
+    assert main(["echo", f"MIGNODE@127.0.0.1:{node.port}", "--config", config]) == 0
+    assert "success" in capsys.readouterr().out
+    assert main(["echo", f"MIGNODE@127.0.0.1:{free_port()}", "--timeout", "3", "--config", config]) == 1
+    assert "not reachable" in capsys.readouterr().err
+    assert main(["echo", "WRONG@127.0.0.1:%d" % node.port, "--config", config]) == 1
+    assert "rejected" in capsys.readouterr().err
+    assert main(["echo", "no-port-here", "--config", config]) == 1
+    assert "AE@HOST:PORT" in capsys.readouterr().err

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from node.config import load_settings
+from node.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_is_valid():
+    settings = load_settings("deploy/config.example.toml")
+    assert settings.node.port == 11112
+    assert settings.series.idle_seconds == 10
+    assert settings.storage.resolved_database_url.startswith("sqlite:///")
+
+
+def test_environment_overrides_file_and_cli_overrides_environment(tmp_path, monkeypatch):
+    path = write(tmp_path, '[node]\nport = 104\nae_title = "FILE"\n')
+    monkeypatch.setenv("MIGRAINE_NODE_NODE__PORT", "4242")
+    monkeypatch.setenv("MIGRAINE_NODE_NODE__ALLOWED_CALLING_AETS", '["PHILIPS_MR1"]')
+    settings = load_settings(path)
+    assert settings.node.port == 4242
+    assert settings.node.ae_title == "FILE"
+    assert settings.node.allowed_calling_aets == ["PHILIPS_MR1"]
+    assert load_settings(path, overrides={"node": {"port": 5555}}).node.port == 5555
+
+
+def test_config_file_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIGRAINE_NODE_CONFIG", str(write(tmp_path, "[node]\nport = 2000\n")))
+    assert load_settings().node.port == 2000
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "needle"),
+    [
+        ('[node]\nae_title = "THIS_TITLE_IS_WAY_TOO_LONG"\n', {}, "[node] ae_title"),
+        ('[node]\nallowed_calling_aets = ["OK", "BAD\\\\AE"]\n', {}, "[node] allowed_calling_aets"),
+        ('[[destinations]]\nname = "pacs"\nae_title = "P"\nhost = "h"\nport = 0\n', {}, "[[destinations]] #1 port"),
+        ('[[destinations]]\nname = "a"\nae_title = "P"\nhost = "h"\nport = 1\n'
+         '[[destinations]]\nname = "a"\nae_title = "Q"\nhost = "h"\nport = 2\n', {}, "destination names must be unique"),
+        ('[model]\ndevice = "tpu"\n', {}, "[model] device"),
+        ("[storage]\ndatabase_url = \"node.db\"\n", {}, "[storage] database_url"),
+        ("", {"MIGRAINE_NODE_NODE__PORT": "abc"}, "MIGRAINE_NODE_NODE__PORT"),
+        ("", {"MIGRAINE_NODE_NODES__PORT": "1"}, "unknown environment variable(s): MIGRAINE_NODE_NODES__PORT"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, monkeypatch, text, env, needle):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert needle in str(info.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "nope.toml")
