@@ -1,9 +1,15 @@
 """Synthetic Philips-like 3D T1 studies for tests, benchmarks and the demo.
 
-Nothing here is patient data: a geometric head phantom with T1-like contrast
-(bright white matter, grey cortex, dark CSF), written as one MR Image Storage
-file per slice the way a Philips Ingenia exports a T1W_3D_TFE series. Every
-object says it is synthetic (PatientName, SeriesDescription, ImageComments).
+Nothing here is patient data: a head phantom with T1-like contrast (bright
+white matter, grey cortex, dark CSF) defined in patient space, so the same head
+can be written as a sagittal, axial or oblique acquisition, as one MR Image
+Storage file per slice (as a Philips Ingenia exports T1W_3D_TFE) or as one
+multi-frame Legacy Converted Enhanced MR object. Every object says it is
+synthetic (PatientName, SeriesDescription, ImageComments).
+
+`responder=True` plants a learnable feature (a small bright ellipsoid near the
+midline) so the demo model has something real to learn; it has no clinical
+meaning whatsoever.
 """
 
 from __future__ import annotations
@@ -13,16 +19,73 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 SYNTHETIC_NOTE = "SYNTHETIC PHANTOM - NOT PATIENT DATA"
-# Orientation of the slice plane: (row direction, column direction) in LPS.
-ORIENTATIONS = {
-    "sag": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
-    "ax": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
-    "cor": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+SERIES_DESCRIPTION = "T1W_3D_TFE"
+FEATURE_CENTER_MM = np.array([0.0, -18.0, 12.0])  # LPS
+FEATURE_RADII_MM = np.array([9.0, 12.0, 9.0])
+
+
+def _rotation_x(degrees: float) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+
+
+# Slice plane (row direction, column direction) in LPS for each orientation.
+ORIENTATIONS: dict[str, tuple[np.ndarray, np.ndarray]] = {
+    "sag": (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])),
+    "ax": (np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])),
+    "cor": (np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, -1.0])),
+    # Sagittal tilted 15 degrees about the left-right axis, as a planner would align it to AC-PC.
+    "obl": (_rotation_x(15) @ np.array([0.0, 1.0, 0.0]), _rotation_x(15) @ np.array([0.0, 0.0, -1.0])),
 }
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Per-subject variation, so a model must generalise rather than memorise."""
+
+    scale: float = 1.0
+    shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    gain: float = 1.0
+    responder: bool = False
+    noise: float = 12.0
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, responder: bool) -> Subject:
+        return cls(
+            scale=float(rng.uniform(0.92, 1.08)),
+            shift_mm=tuple(float(v) for v in rng.uniform(-4, 4, 3)),
+            gain=float(rng.uniform(0.85, 1.15)),
+            responder=responder,
+        )
+
+
+def head_intensity(points_lps: np.ndarray, subject: Subject, rng: np.random.Generator) -> np.ndarray:
+    """Stored T1-like values (0-4095) at patient-space points of shape (..., 3)."""
+    p = (points_lps - np.asarray(subject.shift_mm)) / subject.scale
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+
+    def inside(c: tuple[float, float, float], r: tuple[float, float, float]) -> np.ndarray:
+        return ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1
+
+    img = np.zeros(x.shape, dtype=np.float32)
+    img[inside((0, 0, 0), (76, 96, 86))] = 320  # scalp
+    img[inside((0, 0, 0), (70, 90, 80))] = 80  # skull / CSF rim
+    img[inside((0, 0, 2), (66, 86, 74))] = 560  # grey matter
+    img[inside((0, 2, 6), (50, 68, 54))] = 860  # white matter
+    for side in (-1, 1):  # lateral ventricles
+        img[inside((side * 9, -4, 14), (6, 26, 9))] = 110
+    img[inside((0, 38, -38), (16, 14, 12))] = 600  # cerebellum
+    if subject.responder:
+        centre = FEATURE_CENTER_MM
+        img[inside(tuple(centre), tuple(FEATURE_RADII_MM))] = 1250
+    img *= subject.gain
+    img += rng.normal(0, subject.noise, img.shape).astype(np.float32)
+    return np.clip(img, 0, 4095)
 
 
 @dataclass(frozen=True)
@@ -33,112 +96,170 @@ class SyntheticSeries:
     paths: tuple[Path, ...]
 
 
-def phantom(shape: tuple[int, int, int], spacing: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Head phantom in (slice, row, column) order, uint16 stored values."""
+def _geometry(orientation: str, slices: int, rows: int, columns: int, spacing: float):
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {', '.join(ORIENTATIONS)}")
+    row_dir, col_dir = ORIENTATIONS[orientation]
+    normal = np.cross(row_dir, col_dir)
+    # First voxel centre such that the field of view is centred on the patient origin.
+    origin = -spacing * (row_dir * (columns - 1) + col_dir * (rows - 1) + normal * (slices - 1)) / 2
+    return row_dir, col_dir, normal, origin
+
+
+def synthetic_volume(
+    slices: int, rows: int, columns: int, spacing: float, orientation: str, subject: Subject, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint16 array of shape (slices, rows, columns), positions of each slice)."""
     rng = np.random.default_rng(seed)
-    n_s, n_r, n_c = shape
-    s, r, c = np.meshgrid(
-        (np.arange(n_s) - n_s / 2) * spacing,
-        (np.arange(n_r) - n_r / 2) * spacing,
-        (np.arange(n_c) - n_c / 2) * spacing,
-        indexing="ij",
-        sparse=True,
-    )
-    head = (s / 80) ** 2 + (r / 100) ** 2 + (c / 90) ** 2
-    brain = (s / 68) ** 2 + (r / 88) ** 2 + (c / 78) ** 2
-    white = (s / 48) ** 2 + (r / 66) ** 2 + (c / 56) ** 2
-    ventricle = (s / 8) ** 2 + (r / 24) ** 2 + (c / 14) ** 2
-    img = np.zeros(np.broadcast_shapes(s.shape, r.shape, c.shape), dtype=np.float32)
-    img[head <= 1] = 300  # scalp / skull
-    img[brain <= 1] = 600  # grey matter
-    img[white <= 1] = 900  # white matter
-    img[ventricle <= 1] = 120  # CSF
-    img += rng.normal(0, 12, img.shape).astype(np.float32)
-    return np.clip(img, 0, 4095).astype(np.uint16)
+    row_dir, col_dir, normal, origin = _geometry(orientation, slices, rows, columns, spacing)
+    r = np.arange(rows)[:, None, None] * spacing * col_dir
+    c = np.arange(columns)[None, :, None] * spacing * row_dir
+    plane = r + c  # (rows, columns, 3)
+    out = np.empty((slices, rows, columns), dtype=np.float32)
+    positions = np.array([origin + normal * spacing * k for k in range(slices)])
+    for k in range(slices):
+        out[k] = head_intensity(plane + positions[k], subject, rng)
+    # Partial-volume blur (~1.2 mm FWHM): real images have no perfectly sharp edges.
+    out = ndimage.gaussian_filter(out, sigma=0.5 / spacing)
+    return np.clip(out, 0, 4095).astype(np.uint16), positions
 
 
-def write_classic_series(
+def synthetic_volume_object(
+    subject: Subject, seed: int, spacing: float = 2.0, shape: tuple[int, int, int] = (90, 128, 128),
+    orientation: str = "sag",
+):
+    """The phantom as an in-memory `model.volume.Volume` (no DICOM): fast training data."""
+    from model.volume import Volume
+
+    slices, rows, columns = shape
+    array, positions = synthetic_volume(slices, rows, columns, spacing, orientation, subject, seed)
+    row_dir, col_dir, normal, origin = _geometry(orientation, slices, rows, columns, spacing)
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = normal * spacing, col_dir * spacing, row_dir * spacing, origin
+    return Volume(array.astype(np.float32) * 1.25, affine, (spacing,) * 3, None, None, ())
+
+
+def _base_dataset(study_uid: str, series_uid: str, frame_uid: str, seed: int, series_description: str) -> Dataset:
+    when = dt.datetime(2026, 1, 1, 9, 0, 0)
+    ds = Dataset()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PatientName = "SYNTHETIC^PHANTOM"
+    ds.PatientID = f"SYNTH-{seed:06d}"
+    ds.PatientBirthDate = "19800101"
+    ds.PatientSex = "F"
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = when.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = when.strftime("%H%M%S")
+    ds.AccessionNumber = f"SYN{seed:06d}"
+    ds.StudyID = "1"
+    ds.StudyDescription = "MRI BRAIN (SYNTHETIC)"
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "MR"
+    ds.Manufacturer = "Philips"
+    ds.ManufacturerModelName = "Ingenia"
+    ds.MagneticFieldStrength = 3
+    ds.SeriesDescription = series_description
+    ds.ProtocolName = series_description
+    ds.ImageComments = SYNTHETIC_NOTE
+    ds.SeriesNumber = 301
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"]
+    ds.ScanningSequence = "GR"
+    ds.SequenceVariant = "MP"
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = "3D"
+    ds.RepetitionTime = 8.1
+    ds.EchoTime = 3.7
+    ds.FlipAngle = 8
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1.25
+    ds.RescaleType = "US"
+    ds.WindowCenter = 600
+    ds.WindowWidth = 1200
+    return ds
+
+
+def write_series(
     out_dir: Path,
     slices: int = 170,
     rows: int = 256,
     columns: int = 256,
+    spacing: float = 1.0,
     orientation: str = "sag",
+    responder: bool = False,
+    enhanced: bool = False,
     seed: int = 0,
+    subject: Subject | None = None,
     study_instance_uid: str | None = None,
-    series_description: str = "T1W_3D_TFE",
+    series_description: str = SERIES_DESCRIPTION,
 ) -> SyntheticSeries:
-    """Write one file per slice into `out_dir` (InstanceNumbers shuffled)."""
+    """Write one synthetic 3D T1 series into `out_dir` (shuffled InstanceNumbers)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    volume = phantom((slices, rows, columns), seed=seed)
-    row_dir, col_dir = (np.array(v) for v in ORIENTATIONS[orientation])
-    normal = np.cross(row_dir, col_dir)
+    subject = subject or Subject(responder=responder)
+    volume, positions = synthetic_volume(slices, rows, columns, spacing, orientation, subject, seed)
+    row_dir, col_dir, _, _ = _geometry(orientation, slices, rows, columns, spacing)
+    rng = np.random.default_rng(seed + 1)
     study_uid = study_instance_uid or generate_uid()
     series_uid = generate_uid()
     frame_uid = generate_uid()
-    now = dt.datetime(2026, 1, 1, 9, 0, 0)
     numbers = rng.permutation(slices) + 1
-    origin = -(row_dir * columns + col_dir * rows + normal * slices) / 2
-    sop_uids, paths = [], []
+    datasets = []
     for k in range(slices):
-        ds = Dataset()
+        ds = _base_dataset(study_uid, series_uid, frame_uid, seed, series_description)
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        sop_uid = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
         ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PatientName = "SYNTHETIC^PHANTOM"
-        ds.PatientID = f"SYNTH-{seed:06d}"
-        ds.PatientBirthDate = "19800101"
-        ds.PatientSex = "F"
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = now.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = now.strftime("%H%M%S")
-        ds.AccessionNumber = f"SYN{seed:06d}"
-        ds.StudyID = "1"
-        ds.StudyDescription = "MRI BRAIN (SYNTHETIC)"
-        ds.ReferringPhysicianName = ""
-        ds.Modality = "MR"
-        ds.Manufacturer = "Philips"
-        ds.ManufacturerModelName = "Ingenia"
-        ds.MagneticFieldStrength = 3
-        ds.SeriesDescription = series_description
-        ds.ProtocolName = series_description
-        ds.ImageComments = SYNTHETIC_NOTE
-        ds.SeriesNumber = 301
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = int(numbers[k])
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"]
-        ds.ScanningSequence = "GR"
-        ds.SequenceVariant = "MP"
-        ds.MRAcquisitionType = "3D"
-        ds.RepetitionTime = 8.1
-        ds.EchoTime = 3.7
-        ds.FlipAngle = 8
-        ds.SliceThickness = 1.0
-        ds.SpacingBetweenSlices = 1.0
+        ds.SliceThickness = spacing
+        ds.SpacingBetweenSlices = spacing
         ds.ImagesInAcquisition = slices
-        ds.ImagePositionPatient = [float(x) for x in origin + normal * k]
-        ds.ImageOrientationPatient = [float(x) for x in (*row_dir, *col_dir)]
-        ds.PixelSpacing = [1.0, 1.0]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.ImagePositionPatient = [round(float(v), 4) for v in positions[k]]
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_dir, *col_dir)]
+        ds.SliceLocation = round(float(positions[k] @ np.cross(row_dir, col_dir)), 4)
+        ds.PixelSpacing = [spacing, spacing]
         ds.Rows = rows
         ds.Columns = columns
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = 0
-        ds.RescaleSlope = 1.25
-        ds.RescaleType = "US"
         ds.PixelData = volume[k].tobytes()
+        datasets.append(ds)
+    if enhanced:
+        return _write_multiframe(out_dir, datasets, series_uid, study_uid)
+    paths = []
+    for k, ds in enumerate(datasets):
         path = out_dir / f"IM_{k:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        sop_uids.append(sop_uid)
         paths.append(path)
-    return SyntheticSeries(study_uid, series_uid, tuple(sop_uids), tuple(paths))
+    return SyntheticSeries(study_uid, series_uid, tuple(ds.SOPInstanceUID for ds in datasets), tuple(paths))
+
+
+def _write_multiframe(out_dir: Path, datasets: list[Dataset], series_uid: str, study_uid: str) -> SyntheticSeries:
+    """One Legacy Converted Enhanced MR object built by highdicom from the slices."""
+    import highdicom as hd
+
+    sop_uid = generate_uid()
+    image = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=datasets,
+        series_instance_uid=series_uid,
+        series_number=int(datasets[0].SeriesNumber),
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+    )
+    image.ImagesInAcquisition = 1
+    image.ImageComments = SYNTHETIC_NOTE
+    path = out_dir / "IM_0000.dcm"
+    image.save_as(path, enforce_file_format=True)
+    return SyntheticSeries(study_uid, series_uid, (sop_uid,), (path,))
+
+
+def write_classic_series(out_dir: Path, **kwargs) -> SyntheticSeries:  # noqa: ANN003
+    """Kept for callers that want the classic one-file-per-slice form explicitly."""
+    return write_series(out_dir, enhanced=False, **kwargs)

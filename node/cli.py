@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=cmd_echo)
 
+    from model.cli import register as register_model_commands
+
+    register_model_commands(sub, common)
+
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     c = config_sub.add_parser("check", help="validate a configuration file (and MIGRAINE_NODE_* variables)")
