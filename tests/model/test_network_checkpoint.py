@@ -79,6 +79,11 @@ def test_predictor_on_cpu(tmp_path, tiny_checkpoint):
     assert prediction.model_id == predictor.info.model_id and prediction.synthetic
     again = predictor.predict_volume(load_volume(tmp_path / "s"))
     assert again.probability == pytest.approx(prediction.probability, abs=1e-6)  # eval mode: deterministic
+    # The channels-last fast path computes what the plain network computes.
+    model, _ = load_checkpoint(tiny_checkpoint)
+    with torch.no_grad():
+        logits = model(predictor.preprocess(load_volume(tmp_path / "s")).unsqueeze(0))
+    assert float(torch.softmax(logits, 1)[0, 1]) == pytest.approx(prediction.probability, abs=1e-4)
 
 
 def test_device_resolution():
