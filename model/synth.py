@@ -139,14 +139,16 @@ def synthetic_volume_object(
     return Volume(array.astype(np.float32) * 1.25, affine, (spacing,) * 3, None, None, ())
 
 
-def _base_dataset(study_uid: str, series_uid: str, frame_uid: str, seed: int, series_description: str) -> Dataset:
+def _base_dataset(
+    study_uid: str, series_uid: str, frame_uid: str, seed: int, series_description: str, patient_id: str | None
+) -> Dataset:
     when = dt.datetime(2026, 1, 1, 9, 0, 0)
     ds = Dataset()
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = frame_uid
     ds.PatientName = "SYNTHETIC^PHANTOM"
-    ds.PatientID = f"SYNTH-{seed:06d}"
+    ds.PatientID = patient_id or f"SYNTH-{seed:06d}"
     ds.PatientBirthDate = "19800101"
     ds.PatientSex = "F"
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = when.strftime("%Y%m%d")
@@ -199,8 +201,13 @@ def write_series(
     subject: Subject | None = None,
     study_instance_uid: str | None = None,
     series_description: str = SERIES_DESCRIPTION,
+    patient_id: str | None = None,
 ) -> SyntheticSeries:
-    """Write one synthetic 3D T1 series into `out_dir` (shuffled InstanceNumbers)."""
+    """Write one synthetic 3D T1 series into `out_dir` (shuffled InstanceNumbers).
+
+    A second series of the same study needs the same `study_instance_uid`
+    and `patient_id` (PACS key studies by patient and study).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     subject = subject or Subject(responder=responder)
@@ -213,7 +220,7 @@ def write_series(
     numbers = rng.permutation(slices) + 1
     datasets = []
     for k in range(slices):
-        ds = _base_dataset(study_uid, series_uid, frame_uid, seed, series_description)
+        ds = _base_dataset(study_uid, series_uid, frame_uid, seed, series_description, patient_id)
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.MediaStorageSOPClassUID = MRImageStorage

@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    NodeService(settings).serve_forever(stop)
+    NodeService(settings, args.config, overrides).serve_forever(stop)
     return 0
 
 
@@ -55,11 +55,12 @@ def _print_table(rows: list[dict]) -> None:
     if not rows:
         print("no series")
         return
-    header = ("STATE", "INST", "UPDATED", "SERIES INSTANCE UID", "DESCRIPTION", "REASON")
+    header = ("STATE", "INST", "RESULT", "UPDATED", "SERIES INSTANCE UID", "DESCRIPTION", "REASON")
     lines = [
         (
             r["state"],
             str(r["instances"]),
+            "" if r["probability"] is None else f"{r['label']} {r['probability']:.2f}",
             r["updated_at"],
             r["series_instance_uid"],
             r["series_description"] or "",
@@ -93,11 +94,93 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     for key, value in data.items():
-        if key != "jobs":
+        if key not in ("jobs", "deliveries", "timings"):
             print(f"{key:20} {'' if value is None else value}")
     print("jobs:")
     for job in data["jobs"]:
         print(f"  v{job['version']} job {job['job_id']}: {job['state']} ({job['instances']} instances) {job['reason'] or ''}")
+        if job["probability"] is not None:
+            print(f"      {job['label']} p={job['probability']:.3f} model {job['model_id']} SR {job['sr_sop_instance_uid']}")
+            print(f"      timings ms: {job['timings']}")
+        for d in job["deliveries"]:
+            print(f"      delivery to {d['destination']}: {d['state']} after {d['attempts']} attempt(s) {d['last_error'] or ''}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from storage.jobs import JobQueue, JobStoreError
+
+    settings = _settings(args)
+    store = _store(settings)
+    queue = JobQueue(store.engine)
+    if args.from_pacs:
+        from node.retrieve import retrieve_study
+        from node.scp import Ingest
+        from storage.spool import Spool
+
+        peer = next((d for d in settings.destinations if d.name == args.from_pacs), None)
+        if peer is None:
+            names = ", ".join(d.name for d in settings.destinations) or "none configured"
+            print(f"no [[destinations]] named {args.from_pacs!r} (known: {names})", file=sys.stderr)
+            return 1
+        ingest = Ingest(Spool(settings.storage.spool_dir), store, settings.storage.min_free_disk_mb)
+        count = retrieve_study(peer, args.uid, ingest, settings.node.ae_title)
+        print(f"retrieved {count} instance(s) of study {args.uid} from {peer.name}")
+    try:
+        series = queue.replay(args.uid)
+    except JobStoreError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    for uid in series:
+        print(f"replay queued: series {uid} (new job version; history kept)")
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from storage.jobs import JobQueue, JobStoreError
+
+    settings = _settings(args)
+    queue = JobQueue(_store(settings).engine)
+    try:
+        count = queue.resend(args.series_instance_uid, [d.name for d in settings.destinations])
+    except JobStoreError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"SR of series {args.series_instance_uid} queued for delivery to {count} destination(s)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from storage.jobs import JobQueue
+
+    from storage.store import iso
+
+    settings = _settings(args)
+    summary = JobQueue(_store(settings).engine).status()
+    data = {
+        "series": summary["series"],
+        "queue_depth": sum(summary["series"].get(s, 0) for s in ("complete", "queued", "classifying")),
+        "failed": summary["series"].get("failed", 0),
+        "deliveries": summary["deliveries"],
+        "last_failure": None if summary["last_failure"] is None else {
+            "series_instance_uid": summary["last_failure"][0], "reason": summary["last_failure"][1],
+            "at": iso(summary["last_failure"][2])},
+        "last_delivery_error": None if summary["last_delivery_error"] is None else {
+            "destination": summary["last_delivery_error"][0], "error": summary["last_delivery_error"][1],
+            "at": iso(summary["last_delivery_error"][2])},
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"queue depth {data['queue_depth']}, failed {data['failed']}")
+    print("series: " + (", ".join(f"{k} {v}" for k, v in sorted(data["series"].items())) or "none"))
+    print("deliveries: " + (", ".join(f"{k} {v}" for k, v in sorted(data["deliveries"].items())) or "none"))
+    if data["last_failure"]:
+        f = data["last_failure"]
+        print(f"last failure: {f['at']} series {f['series_instance_uid']}: {f['reason']}")
+    if data["last_delivery_error"]:
+        e = data["last_delivery_error"]
+        print(f"last delivery error: {e['at']} {e['destination']}: {e['error']}")
     return 0
 
 
@@ -147,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("series_instance_uid", metavar="SERIES_UID")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("replay", parents=[common], help="classify a series or study again (new job version)")
+    p.add_argument("uid", metavar="STUDY_UID|SERIES_UID")
+    p.add_argument("--from-pacs", metavar="NAME", help="first retrieve the study by C-GET from this destination")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("resend", parents=[common], help="send the existing SR of a series again")
+    p.add_argument("series_instance_uid", metavar="SERIES_UID")
+    p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser("status", parents=[common], help="queue depth, failures, last error")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("echo", parents=[common], help="C-ECHO a peer: AE@HOST:PORT")
     p.add_argument("peer", metavar="AE@HOST:PORT")

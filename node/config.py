@@ -91,6 +91,25 @@ class ModelSection(_Section):
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
 
+class WorkerSection(_Section):
+    processes: Annotated[int, Field(ge=0, le=16)] = 1
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    retry_seconds: Annotated[float, Field(ge=0, le=86400)] = 30
+
+
+class ExportSection(_Section):
+    retry_initial_seconds: Annotated[float, Field(gt=0, le=3600)] = 5
+    retry_max_seconds: Annotated[float, Field(gt=0, le=86400)] = 600
+    max_attempts: Annotated[int, Field(ge=1, le=100000)] = 500
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30
+
+    @model_validator(mode="after")
+    def _order(self) -> ExportSection:
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError("retry_max_seconds must be at least retry_initial_seconds")
+        return self
+
+
 class Destination(_Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     ae_title: str
@@ -112,6 +131,8 @@ class Settings(BaseSettings):
     storage: StorageSection = StorageSection()
     series: SeriesSection = SeriesSection()
     model: ModelSection = ModelSection()
+    worker: WorkerSection = WorkerSection()
+    export: ExportSection = ExportSection()
     destinations: list[Destination] = []
 
     @field_validator("destinations")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -98,6 +98,17 @@ class Job(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     instances: Mapped[int] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # A failed attempt is retried no earlier than this (UTC epoch seconds).
+    not_before: Mapped[float | None] = mapped_column(Float)
+    probability: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str | None] = mapped_column(String(32))
+    model_id: Mapped[str | None] = mapped_column(String(128))
+    device: Mapped[str | None] = mapped_column(String(16))
+    synthetic: Mapped[bool | None] = mapped_column(Boolean)
+    # JSON object: stage name -> milliseconds.
+    timings: Mapped[str | None] = mapped_column(Text)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sr_path: Mapped[str | None] = mapped_column(String(300))
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 

@@ -7,6 +7,7 @@ tracker completes series here, the CLI reads views from here.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -15,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import Engine, func, insert, select, text, update
+from sqlalchemy import Engine, and_, func, insert, select, text, update
 from sqlalchemy.exc import OperationalError
 
-from storage.models import Instance, Job, Series, SeriesState
+from storage.models import Delivery, Instance, Job, Series, SeriesState
 
 
 class StoreError(Exception):
@@ -83,6 +84,13 @@ class SeriesView:
     last_received_at: str
     completed_at: str | None
     updated_at: str
+    probability: float | None = None
+    label: str | None = None
+    model_id: str | None = None
+    synthetic: bool | None = None
+    sr_sop_instance_uid: str | None = None
+    timings: dict | None = None
+    deliveries: list[dict] = field(default_factory=list)
     jobs: list[dict] = field(default_factory=list)
 
     def to_json(self, detail: bool = False) -> dict:
@@ -281,22 +289,33 @@ class JobStore:
             return True
 
     # ---- views --------------------------------------------------------------
+    def _views(self, conn, where) -> list[SeriesView]:  # noqa: ANN001
+        query = (
+            select(Series, Job.id.label("job_id"), Job.probability, Job.label, Job.model_id, Job.synthetic,
+                   Job.sr_sop_instance_uid, Job.timings)
+            .outerjoin(Job, and_(Job.series_instance_uid == Series.series_instance_uid, Job.version == Series.version))
+            .order_by(Series.updated_at.desc())
+        )
+        if where is not None:
+            query = query.where(where)
+        rows = conn.execute(query).all()
+        deliveries = self._deliveries(conn, [r.job_id for r in rows if r.job_id is not None])
+        return [self._view(r, deliveries.get(r.job_id, [])) for r in rows]
+
     def list_series(self, state: str | None = None) -> list[SeriesView]:
-        query = select(Series).order_by(Series.updated_at.desc())
-        if state is not None:
-            query = query.where(Series.state == state)
         with self.engine.connect() as conn:
-            return [self._view(row) for row in conn.execute(query).all()]
+            return self._views(conn, None if state is None else Series.state == state)
 
     def get_series(self, series_instance_uid: str) -> SeriesView | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(Series).where(Series.series_instance_uid == series_instance_uid)).first()
-            if row is None:
+            views = self._views(conn, Series.series_instance_uid == series_instance_uid)
+            if not views:
                 return None
             jobs = conn.execute(
                 select(Job).where(Job.series_instance_uid == series_instance_uid).order_by(Job.version)
             ).all()
-        view = self._view(row)
+            history = self._deliveries(conn, [j.id for j in jobs])
+        view = views[0]
         view.jobs.extend(
             {
                 "job_id": j.id,
@@ -305,12 +324,28 @@ class JobStore:
                 "reason": j.reason,
                 "instances": j.instances,
                 "attempts": j.attempts,
+                "probability": j.probability,
+                "label": j.label,
+                "model_id": j.model_id,
+                "sr_sop_instance_uid": j.sr_sop_instance_uid,
+                "timings": json.loads(j.timings) if j.timings else None,
+                "deliveries": history.get(j.id, []),
                 "created_at": iso(j.created_at),
                 "updated_at": iso(j.updated_at),
             }
             for j in jobs
         )
         return view
+
+    @staticmethod
+    def _deliveries(conn, job_ids: list[int]) -> dict[int, list[dict]]:  # noqa: ANN001
+        out: dict[int, list[dict]] = {}
+        if job_ids:
+            for d in conn.execute(select(Delivery).where(Delivery.job_id.in_(job_ids)).order_by(Delivery.id)):
+                out.setdefault(d.job_id, []).append(
+                    {"destination": d.destination, "state": d.state, "attempts": d.attempts, "last_error": d.last_error}
+                )
+        return out
 
     def count_instances(self, series_instance_uid: str | None = None) -> int:
         query = select(func.count()).select_from(Instance)
@@ -320,7 +355,7 @@ class JobStore:
             return conn.execute(query).scalar_one()
 
     @staticmethod
-    def _view(row) -> SeriesView:  # noqa: ANN001
+    def _view(row, deliveries: list[dict]) -> SeriesView:  # noqa: ANN001
         return SeriesView(
             series_instance_uid=row.series_instance_uid,
             study_instance_uid=row.study_instance_uid,
@@ -336,4 +371,11 @@ class JobStore:
             last_received_at=iso(row.last_received_at),
             completed_at=iso(row.completed_at),
             updated_at=iso(row.updated_at),
+            probability=row.probability,
+            label=row.label,
+            model_id=row.model_id,
+            synthetic=row.synthetic,
+            sr_sop_instance_uid=row.sr_sop_instance_uid,
+            timings=json.loads(row.timings) if row.timings else None,
+            deliveries=deliveries,
         )

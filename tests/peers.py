@@ -73,6 +73,10 @@ class NodeProcess:
         allowed: list[str] | None = None,
         min_free_disk_mb: int = 16,
         port: int | None = None,
+        workers: int = 0,
+        checkpoint: Path | None = None,
+        destinations: list[dict] | None = None,
+        export_retry_seconds: float = 1,
     ) -> NodeProcess:
         port = port or free_port()
         data_dir = root / "data"
@@ -83,6 +87,13 @@ class NodeProcess:
             f"allowed_calling_aets = {json.dumps(allowed or [])}\n"
             f'[storage]\ndata_dir = "{data_dir}"\nmin_free_disk_mb = {min_free_disk_mb}\n'
             f"[series]\nidle_seconds = {idle_seconds}\nmax_wait_seconds = {max_wait_seconds}\n"
+            f"[worker]\nprocesses = {workers}\nretry_seconds = 1\n"
+            f"[export]\nretry_initial_seconds = {export_retry_seconds}\nretry_max_seconds = {max(export_retry_seconds, 2)}\n"
+            + (f'[model]\ncheckpoint = "{checkpoint}"\ndevice = "cpu"\n' if checkpoint else "")
+            + "".join(
+                f'[[destinations]]\nname = "{d["name"]}"\nae_title = "{d["ae_title"]}"\nhost = "127.0.0.1"\nport = {d["port"]}\n'
+                for d in destinations or []
+            )
         )
         return cls(config=config, data_dir=data_dir, port=port, log=root / "node.log")
 
@@ -138,3 +149,86 @@ class NodeProcess:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+@dataclass
+class OrthancProcess:
+    """A real Orthanc (Debian package) on loopback ports, stopped by PID."""
+
+    root: Path
+    dicom_port: int
+    http_port: int
+    aet: str = "ORTHANC"
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def create(cls, root: Path, modalities: dict[str, tuple[str, int]] | None = None) -> OrthancProcess:
+        root.mkdir(parents=True, exist_ok=True)
+        self = cls(root, free_port(), free_port())
+        config = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(root / "storage"),
+            "IndexDirectory": str(root / "index"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "HttpServerEnabled": True,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "UnknownSopClassAccepted": True,
+            "DicomModalities": {name: [aet, "127.0.0.1", port] for name, (aet, port) in (modalities or {}).items()},
+            "Plugins": [],
+            "StableAge": 2,
+        }
+        (root / "orthanc.json").write_text(json.dumps(config, indent=2))
+        return self
+
+    def start(self) -> OrthancProcess:
+        with (self.root / "orthanc.log").open("ab") as log:
+            self.proc = subprocess.Popen([ORTHANC, str(self.root / "orthanc.json")], stdout=log,
+                                         stderr=subprocess.STDOUT, env=DCMTK_ENV)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"Orthanc exited: {(self.root / 'orthanc.log').read_text()[-2000:]}")
+            try:
+                return self.get("/system")["DicomAet"] == self.aet
+            except OSError:
+                return False
+
+        wait_until(ready, timeout=60, what="Orthanc")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def request(self, method: str, path: str, body: object | None = None) -> bytes:
+        import urllib.request
+
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.read()
+
+    def get(self, path: str):  # noqa: ANN201
+        return json.loads(self.request("GET", path))
+
+    def post(self, path: str, body: object):  # noqa: ANN201
+        return json.loads(self.request("POST", path, body))
+
+    def find_instances(self, query: dict) -> list[str]:
+        return self.post("/tools/find", {"Level": "Instance", "Query": query})
+
+    def download(self, instance_id: str) -> bytes:
+        return self.request("GET", f"/instances/{instance_id}/file")

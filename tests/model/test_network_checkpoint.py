@@ -11,7 +11,7 @@ from model.predict import Predictor, autocast_dtype, resolve_device
 from model.synth import write_series
 from model.volume import load_volume
 from model.weights import import_state_dict
-from tests.model.conftest import TINY_SPEC
+from tests.conftest import TINY_SPEC
 
 
 def test_paper_resnet18_is_the_hara_network():

@@ -7,7 +7,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.demo import synthetic_items
 from model.train import STATE, TrainConfig, train
-from tests.model.conftest import TINY_SPEC
+from tests.conftest import TINY_SPEC
 
 
 def test_train_writes_best_checkpoint_and_resumes(tmp_path):

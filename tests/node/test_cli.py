@@ -24,19 +24,20 @@ def test_jobs_show_and_echo(node_factory, small_series, capsys):
         assert main(["jobs", "--state", state, "--json", "--config", config]) == 0
         return json.loads(capsys.readouterr().out)
 
-    [row] = wait_until(lambda: listed("complete"), timeout=20, what="complete series")
+    [row] = wait_until(lambda: listed("skipped"), timeout=20, what="complete series, skipped by selection")
     assert JSON_KEYS <= row.keys()
     assert row["series_instance_uid"] == series.series_instance_uid and row["instances"] == 48
     assert listed("receiving") == []
 
     assert main(["jobs", "--config", config]) == 0
     table = capsys.readouterr().out
-    assert series.series_instance_uid in table and "complete" in table
+    assert series.series_instance_uid in table and "skipped" in table
 
     assert main(["show", series.series_instance_uid, "--json", "--config", config]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert JSON_KEYS <= shown.keys()
-    assert shown["jobs"][0]["version"] == 1 and shown["jobs"][0]["state"] == "complete"
+    assert shown["jobs"][0]["version"] == 1 and shown["jobs"][0]["state"] == "skipped"
+    assert "need at least 100" in shown["reason"]
     assert main(["show", "1.2.3.4.5", "--config", config]) == 1
     assert "no series" in capsys.readouterr().err
 

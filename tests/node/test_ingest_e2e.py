@@ -42,8 +42,9 @@ def test_storescu_series_is_spooled_recorded_and_completed(node_factory, t1_seri
     assert all(f.parent.name == series.series_instance_uid for f in files)
     assert db_instances(node, series.series_instance_uid) == set(series.sop_instance_uids)
 
-    row = wait_until(lambda: (r := series_row(node, series.series_instance_uid)) and r["state"] == "complete" and r,
-                     timeout=30, what="series complete")
+    # Complete, then selected as the 3D T1 (no worker in this node, so it waits in the queue).
+    row = wait_until(lambda: (r := series_row(node, series.series_instance_uid)) and r["state"] == "queued" and r,
+                     timeout=30, what="series complete and queued")
     assert row["instances"] == 170
     assert row["study_instance_uid"] == series.study_instance_uid
     assert row["series_description"] == "T1W_3D_TFE"
@@ -61,7 +62,7 @@ def test_storescu_series_is_spooled_recorded_and_completed(node_factory, t1_seri
     assert len(node.spool_files()) == 170
     assert len(db_instances(node)) == 170
     row = series_row(node, series.series_instance_uid)
-    assert row["instances"] == 170 and row["state"] == "complete"
+    assert row["instances"] == 170 and row["state"] == "queued" and row["version"] == 1
 
     # No patient data in the log.
     log = node.log_text()
@@ -83,9 +84,11 @@ def test_series_without_expected_count_completes_after_idle(node_factory, small_
         [STORESCU, "-aec", "MIGNODE", "127.0.0.1", str(node.port), "+sd", str(stripped)],
         env=DCMTK_ENV, capture_output=True, timeout=120,
     ).returncode == 0
-    row = wait_until(lambda: (r := series_row(node, series.series_instance_uid)) and r["state"] == "complete" and r,
+    # 48 slices: complete, then skipped by selection (the 3D T1 needs at least 100).
+    row = wait_until(lambda: (r := series_row(node, series.series_instance_uid)) and r["state"] == "skipped" and r,
                      timeout=30, what="idle completion")
-    assert row["reason"] == "idle for 3 s" and row["expected_instances"] is None
+    assert row["reason"].endswith("complete: idle for 3 s") and row["expected_instances"] is None
+    assert "need at least 100" in row["reason"]
     waited = datetime.fromisoformat(row["completed_at"]) - datetime.fromisoformat(row["last_received_at"])
     assert waited.total_seconds() >= 3
 
@@ -147,7 +150,7 @@ def test_sigkill_during_transfer_loses_no_acknowledged_instance(node_factory, t1
         [STORESCU, "-aet", "SCANNER", "-aec", "MIGNODE", "127.0.0.1", str(node.port), "+sd", str(series_dir)],
         env=DCMTK_ENV, capture_output=True, timeout=300,
     ).returncode == 0
-    row = wait_until(lambda: (r := series_row(node, series.series_instance_uid)) and r["state"] == "complete" and r,
+    row = wait_until(lambda: (r := series_row(node, series.series_instance_uid)) and r["state"] == "queued" and r,
                      timeout=30, what="series complete after resend")
     assert row["instances"] == 170
 

@@ -27,6 +27,7 @@ def service(tmp_path):
                 "node": {"ae_title": "MIGNODE", "host": "127.0.0.1", "port": free_port()},
                 "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk_mb": 1, **storage},
                 "series": {"idle_seconds": 1, "max_wait_seconds": 60},
+                "worker": {"processes": 0},
             }
         )
         svc = NodeService(settings)
@@ -126,12 +127,12 @@ def test_late_or_changed_instance_reopens_a_completed_series_as_new_version(serv
     svc = service()
     datasets = [pydicom.dcmread(p) for p in sorted(series_dir.iterdir())]
     assert set(send(svc.port, *datasets[:-1])) == {StoreStatus.SUCCESS}
-    wait_until(lambda: svc.store.get_series(series.series_instance_uid).state == "complete", timeout=20)
+    wait_until(lambda: svc.store.get_series(series.series_instance_uid).state == "skipped", timeout=20)
 
     # The identical instance again changes nothing.
     assert send(svc.port, datasets[0]) == [StoreStatus.SUCCESS]
     view = svc.store.get_series(series.series_instance_uid)
-    assert (view.state, view.version, view.instances) == ("complete", 1, 47)
+    assert (view.state, view.version, view.instances) == ("skipped", 1, 47)
 
     # A new instance reopens it; with all 48 of Images in Acquisition and the
     # sender released, it completes at once as version 2 with its own job.
@@ -139,7 +140,7 @@ def test_late_or_changed_instance_reopens_a_completed_series_as_new_version(serv
     view = svc.store.get_series(series.series_instance_uid)
     assert (view.version, view.instances) == (2, 48)
     assert "expected instance count reached (48/48)" in view.reason
-    wait_until(lambda: svc.store.get_series(series.series_instance_uid).state == "complete", timeout=20)
+    wait_until(lambda: svc.store.get_series(series.series_instance_uid).state == "skipped", timeout=20)
 
     # Same UID, different bytes: the file is replaced, counted once, version 3.
     changed = copy.deepcopy(datasets[0])
@@ -149,7 +150,7 @@ def test_late_or_changed_instance_reopens_a_completed_series_as_new_version(serv
     assert (view.version, view.instances) == (3, 48)
     stored = pydicom.dcmread(svc.spool.root / changed.StudyInstanceUID / changed.SeriesInstanceUID / f"{changed.SOPInstanceUID}.dcm")
     assert stored.ImageComments == "corrected"
-    wait_until(lambda: svc.store.get_series(series.series_instance_uid).state == "complete", timeout=20)
+    wait_until(lambda: svc.store.get_series(series.series_instance_uid).state == "skipped", timeout=20)
     jobs = svc.store.get_series(series.series_instance_uid).jobs
     assert [(j["version"], j["instances"]) for j in jobs] == [(1, 47), (2, 48), (3, 48)]
 

@@ -1,0 +1,117 @@
+"""Export: C-STORE each pending SR to its destination, retried until delivered.
+
+One association per destination per batch, proposing Comprehensive SR.
+Temporary failures (connection refused, timeout, abort, 0xA7xx out of
+resources) are retried with exponential backoff and jitter; permanent ones
+(association rejected, 0xA9xx/0xCxxx refusals, SOP class not supported) fail
+the delivery at once with the reason. State lives in the database, so a
+delivery survives restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import ComprehensiveSRStorage  # type: ignore[attr-defined]
+
+from node.config import Destination, ExportSection
+from node.logs import log_context
+from storage.jobs import DueDelivery, JobQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    sent: bool
+    permanent: bool
+    message: str
+
+
+def classify_status(status: int | None) -> Outcome:
+    """C-STORE response status -> outcome (PS3.4 B.2.3)."""
+    if status is None:
+        return Outcome(False, False, "no response (timeout or aborted association)")
+    if status == 0x0000 or 0xB000 <= status <= 0xBFFF:
+        return Outcome(True, False, f"stored (0x{status:04X})")
+    if 0xA700 <= status <= 0xA7FF:
+        return Outcome(False, False, f"out of resources at the destination (0x{status:04X})")
+    return Outcome(False, True, f"refused with status 0x{status:04X}")
+
+
+def backoff_seconds(attempts: int, section: ExportSection, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter: initial x 2^(attempts-1), capped, times U(0.5, 1)."""
+    base = min(section.retry_max_seconds, section.retry_initial_seconds * 2 ** max(0, attempts - 1))
+    return base * (rng or random).uniform(0.5, 1.0)
+
+
+class Exporter:
+    def __init__(self, queue: JobQueue, destinations: list[Destination], calling_ae_title: str, section: ExportSection):
+        self.queue = queue
+        self.destinations = {d.name: d for d in destinations}
+        self.calling_ae_title = calling_ae_title
+        self.section = section
+
+    def run_due(self, now: float | None = None) -> int:
+        """Send every due delivery; returns how many were attempted."""
+        batches: dict[str, list[DueDelivery]] = defaultdict(list)
+        for item in self.queue.due_deliveries(now):
+            batches[item.destination].append(item)
+        for name, items in batches.items():
+            destination = self.destinations.get(name)
+            if destination is None:
+                for item in items:
+                    self.queue.delivery_failed(item.delivery_id, f"destination {name!r} is no longer configured")
+                continue
+            self._send_batch(destination, items)
+        return sum(len(v) for v in batches.values())
+
+    def _send_batch(self, destination: Destination, items: list[DueDelivery]) -> None:
+        ae = AE(ae_title=self.calling_ae_title)
+        timeout = self.section.timeout_seconds
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+        ae.add_requested_context(ComprehensiveSRStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+        if assoc.is_rejected:
+            for item in items:
+                self._record(item, Outcome(False, True, f"association rejected by {where}"))
+            return
+        if not assoc.is_established:
+            for item in items:
+                self._record(item, Outcome(False, False, f"cannot connect to {where}"))
+            return
+        try:
+            for item in items:
+                try:
+                    status = assoc.send_c_store(item.sr_path)
+                    code = int(status.Status) if status else None
+                except (OSError, ValueError, RuntimeError) as exc:
+                    self._record(item, Outcome(False, True, f"cannot send the SR file: {exc}"))
+                    continue
+                self._record(item, classify_status(code))
+                if not assoc.is_established:
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _record(self, item: DueDelivery, outcome: Outcome) -> None:
+        with log_context(job=item.job_id, series=item.series_instance_uid):
+            if outcome.sent:
+                self.queue.delivery_sent(item.delivery_id)
+                log.info("SR %s delivered to %s", item.sr_sop_instance_uid, item.destination)
+            elif outcome.permanent or item.attempts + 1 >= self.section.max_attempts:
+                self.queue.delivery_failed(item.delivery_id, outcome.message)
+                log.error("SR delivery to %s failed: %s", item.destination, outcome.message)
+            else:
+                delay = backoff_seconds(item.attempts + 1, self.section)
+                self.queue.delivery_retry(item.delivery_id, outcome.message, time.time() + delay)
+                log.warning("SR delivery to %s will be retried in %.0f s: %s", item.destination, delay,
+                            outcome.message)

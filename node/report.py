@@ -1,0 +1,248 @@
+"""The prediction as a DICOM Comprehensive SR that PACS files beside the study and OHIF displays.
+
+Content follows TID 1500 "Measurement Report" (the form IHE AI Results expects and
+OHIF's SR parser reads): TID 1204 language, TID 1001 observation context with a
+device observer (TID 1004), the TID 1600 Image Library of the source images, and
+one TID 1501 measurement group holding the coded prediction, its probability and
+threshold (TID 300), the algorithm (TID 4019) and the intended-use statements.
+
+Everything here is pure: datasets and values in, a dataset out. UIDs are derived
+from the source series and the checkpoint so a resend replaces rather than
+duplicates. Messages never carry patient identifiers.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Sequence
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import (
+    AlgorithmIdentification,
+    ComprehensiveSR,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from model.checkpoint import ModelInfo
+from model.predict import Prediction
+from node import __version__
+
+SR_SERIES_DESCRIPTION = "AI: NSAID response prediction"
+SR_SERIES_NUMBER = 9901
+MANUFACTURER = "migraine-node"
+CODING_SCHEME = "99MIGRNODE"
+CODING_SCHEME_NAME = "migraine-node private codes"
+CODING_SCHEME_RESPONSIBLE_ORGANIZATION = "migraine-node project (research software)"
+
+RESEARCH_USE_TEXT = "Research use only, not for diagnostic use."
+SYNTHETIC_TEXT = (
+    "Result of a SYNTHETIC DEMO MODEL trained on synthetic phantoms; it carries no clinical meaning."
+)
+
+PREDICTED_RESPONSE = Code("P001", CODING_SCHEME, "Predicted NSAID response")
+DECISION_THRESHOLD = Code("P002", CODING_SCHEME, "Decision threshold")
+RESPONDER = Code("R", CODING_SCHEME, "NSAID responder")
+NON_RESPONDER = Code("N", CODING_SCHEME, "NSAID non-responder")
+LABEL_CODES = {"responder": RESPONDER, "non-responder": NON_RESPONDER}
+PROCEDURE_MR_BRAIN = codes.LN.BrainMRI  # LOINC 24590-2, CID 100 is extensible
+TRACKING_IDENTIFIER = "NSAID response prediction"
+COMMENT = codes.DCM.Comment  # DCM 121106, TEXT rows of TID 1501
+NO_UNITS = codes.UCUM.NoUnits  # UCUM "1"
+
+# Type 2 patient/study attributes that highdicom reads from the first instance as attributes.
+_PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                        "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+# TID 1604 descriptors (Image Library entry) that highdicom reads from the top level of an image.
+_LIBRARY_GEOMETRY = ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
+                     "ImageOrientationPatient", "ImagePositionPatient")
+_LIBRARY_REQUIRED = ("Modality", "Rows", "Columns", "PixelSpacing", "SliceThickness",
+                     "ImageOrientationPatient", "ImagePositionPatient")
+
+
+def derive_uid(*parts: str) -> str:
+    """UUID-derived UID (PS3.5 B.2) from a hash, so the same inputs always give the same UID."""
+    digest = hashlib.sha256("|".join(parts).encode("utf-8")).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
+def sr_uids(series_instance_uid: str, model_sha256: str) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the SR: a resend overwrites, never duplicates."""
+    return (
+        derive_uid("sr-series", series_instance_uid, model_sha256),
+        derive_uid("sr-instance", series_instance_uid, model_sha256),
+    )
+
+
+def _check_evidence(evidence: Sequence[Dataset]) -> None:
+    """One SR per series: its UIDs, study placement and evidence all come from that series."""
+    if not evidence:
+        raise ValueError("cannot build an SR without evidence: no source instances given")
+    for attr in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        missing = sum(1 for ds in evidence if not ds.get(attr))
+        if missing:
+            raise ValueError(f"{missing} of {len(evidence)} evidence instances lack {attr}")
+    studies = {ds.StudyInstanceUID for ds in evidence}
+    if len(studies) > 1:
+        raise ValueError(f"evidence spans {len(studies)} studies; an SR reports on exactly one")
+    series = {ds.SeriesInstanceUID for ds in evidence}
+    if len(series) > 1:
+        raise ValueError(f"evidence spans {len(series)} series; the prediction is made on one series")
+
+
+def _library_view(ds: Dataset) -> Dataset:
+    """Header with the TID 1604 geometry at the top level, where highdicom's Image Library reads it.
+
+    Classic MR images carry it there already. Enhanced and Legacy Converted Enhanced
+    MR keep it in functional groups: lift pixel measures and orientation from the
+    shared (else first per-frame) group, and the position of the first frame.
+    """
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        view = Dataset()
+        for attr in ("SOPClassUID", "SOPInstanceUID", "Modality", "Rows", "Columns", "FrameOfReferenceUID"):
+            if attr in ds:
+                view[attr] = ds[attr]
+        shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+        first = ds.get("PerFrameFunctionalGroupsSequence", [Dataset()])[0]
+        for group in ("PixelMeasuresSequence", "PlaneOrientationSequence", "PlanePositionSequence"):
+            items = shared.get(group) or first.get(group)
+            for attr in _LIBRARY_GEOMETRY if items else ():
+                if attr in items[0]:
+                    view[attr] = items[0][attr]
+        ds = view
+    missing = [a for a in _LIBRARY_REQUIRED if ds.get(a) is None or ds.get(a) == "" or ds.get(a) == []]
+    if missing:
+        raise ValueError(f"instance {ds.SOPInstanceUID} lacks {', '.join(missing)}, needed for the Image Library")
+    return ds
+
+
+def _patient_study_source(ds: Dataset) -> Dataset:
+    """Copy of the first instance that highdicom can read patient and study data from without harm.
+
+    highdicom raises on absent Type 2 attributes, rejects PatientSex outside M/F/O, and
+    warns with the patient's name in the message when the name has no caret; so fill
+    absent ones empty, blank a non-standard sex, and blank the name (restored after).
+    """
+    source = copy.deepcopy(ds)
+    for keyword in _PATIENT_STUDY_TYPE2:
+        if keyword not in source:
+            setattr(source, keyword, None)
+    if source.PatientSex not in (None, "", "M", "F", "O"):
+        source.PatientSex = None
+    source.PatientName = None
+    return source
+
+
+def _intended_use(prediction: Prediction, model: ModelInfo) -> list[TextContentItem]:
+    """Free-text TID 1501 items a reader sees next to the result (QualitativeEvaluation is CODE only)."""
+    texts = [RESEARCH_USE_TEXT]
+    if prediction.synthetic or model.synthetic:
+        texts.append(SYNTHETIC_TEXT)
+    return [
+        TextContentItem(name=COMMENT, value=text, relationship_type=RelationshipTypeValues.CONTAINS)
+        for text in texts
+    ]
+
+
+def _measurement_group(
+    series_instance_uid: str, prediction: Prediction, model: ModelInfo
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: coded label, probability and threshold (TID 300), algorithm (TID 4019)."""
+    if prediction.label not in LABEL_CODES:
+        raise ValueError(f"unknown prediction label {prediction.label!r}; expected one of {', '.join(LABEL_CODES)}")
+    for name, value in (("probability", prediction.probability), ("cutoff", prediction.cutoff)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be within 0..1, got {value}")
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derive_uid("tracking", series_instance_uid, model.sha256),
+            identifier=TRACKING_IDENTIFIER,
+        ),
+        finding_sites=[FindingSite(anatomic_location=codes.SCT.Brain)],
+        algorithm_id=AlgorithmIdentification(
+            name=model.name,
+            version=model.version,
+            parameters=[f"sha256={model.sha256}", f"architecture={model.architecture}"],
+        ),
+        measurements=[
+            Measurement(name=codes.DCM.Probability, value=round(float(prediction.probability), 4), unit=NO_UNITS),
+            Measurement(name=DECISION_THRESHOLD, value=round(float(prediction.cutoff), 4), unit=NO_UNITS),
+        ],
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=PREDICTED_RESPONSE, value=LABEL_CODES[prediction.label]),
+        ],
+    )
+    group[0].ContentSequence.extend(_intended_use(prediction, model))
+    return group
+
+
+def build_sr(
+    evidence: Sequence[Dataset],
+    prediction: Prediction,
+    model: ModelInfo,
+    *,
+    institution_name: str | None = None,
+) -> ComprehensiveSR:
+    """TID 1500 report of one prediction on one series; patient and study copied from the evidence.
+
+    `evidence` are the source instances' headers (read with stop_before_pixels).
+    The result is complete but PRELIMINARY and UNVERIFIED: no person has signed it.
+    """
+    evidence = list(evidence)
+    _check_evidence(evidence)
+    series_uid = evidence[0].SeriesInstanceUID
+    sr_series_uid, sr_instance_uid = sr_uids(series_uid, model.sha256)
+    observer = ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("device", model.name),
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=model.model_id,
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE_MR_BRAIN,
+        imaging_measurements=[_measurement_group(series_uid, prediction, model)],
+        referenced_images=[_library_view(ds) for ds in evidence],
+    )
+    sr = ComprehensiveSR(
+        evidence=[_patient_study_source(evidence[0]), *evidence[1:]],
+        content=report,
+        series_instance_uid=sr_series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sr_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model.model_id,
+        software_versions=__version__,
+        series_description=SR_SERIES_DESCRIPTION,
+        institution_name=institution_name,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        coding_schemes=[
+            CodingSchemeIdentificationItem(
+                designator=CODING_SCHEME,
+                name=CODING_SCHEME_NAME,
+                responsible_organization=CODING_SCHEME_RESPONSIBLE_ORGANIZATION,
+            )
+        ],
+    )
+    if evidence[0].get("PatientName"):
+        sr.PatientName = evidence[0].PatientName
+    return sr

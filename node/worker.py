@@ -1,0 +1,150 @@
+"""Classification worker: its own process, started by `serve`.
+
+Claims queued jobs atomically and runs volume -> preprocess -> predict ->
+report for each, recording per-stage timings and the model id on the job. The
+model is loaded once per worker process. When `[model] checkpoint` is not set
+the synthetic demo model is used, built on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+
+from node.config import Settings, load_settings
+from node.logs import log_context, setup_logging
+from storage.db import make_engine
+from storage.jobs import ClaimedJob, JobQueue
+from storage.spool import Spool, SpoolKey
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 0.5
+
+
+def model_directory(settings: Settings) -> Path:
+    """The configured checkpoint, or the demo model (built now if missing)."""
+    if settings.model.checkpoint is not None:
+        return settings.model.checkpoint
+    from model.demo import build_demo_model, default_demo_dir
+
+    directory = default_demo_dir(settings.storage.data_dir)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / ".demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder when several workers start together
+        if not (directory / "model.json").exists():
+            log.warning("no [model] checkpoint configured: building the SYNTHETIC demo model in %s (a few minutes)",
+                        directory)
+            build_demo_model(directory, progress=False)
+    return directory
+
+
+class Worker:
+    def __init__(self, settings: Settings, queue: JobQueue) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.spool_root = settings.storage.spool_dir
+        self.reports = Spool(settings.storage.data_dir / "sr")
+        self.outbox = Spool(settings.storage.data_dir / "outbox")
+        self._predictor = None
+
+    @property
+    def predictor(self):  # noqa: ANN201
+        if self._predictor is None:
+            from model.predict import Predictor
+
+            self._predictor = Predictor(model_directory(self.settings), device=self.settings.model.device)
+            log.info("model %s loaded on %s%s", self._predictor.info.model_id, self._predictor.device,
+                     " (SYNTHETIC demo model)" if self._predictor.info.synthetic else "")
+        return self._predictor
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when none is due."""
+        job = self.queue.claim()
+        if job is None:
+            return False
+        with log_context(job=job.job_id, series=job.series_instance_uid):
+            try:
+                self.process(job)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}" if not str(exc).startswith(type(exc).__name__) else str(exc)
+                state = self.queue.fail(job.job_id, reason[:500], self.settings.worker.max_attempts,
+                                        self.settings.worker.retry_seconds)
+                log.error("job attempt %d failed (%s): %s", job.attempts, state, reason)
+        return True
+
+    def process(self, job: ClaimedJob) -> None:
+        from model.volume import assemble_volume
+        from node.report import build_sr, sr_uids
+
+        timings: dict[str, float] = {}
+
+        @contextlib.contextmanager
+        def stage(name: str) -> Iterator[None]:
+            started = time.perf_counter()
+            yield
+            timings[name] = round((time.perf_counter() - started) * 1000, 1)
+
+        with stage("load"):
+            datasets = [pydicom.dcmread(self.spool_root / p) for p in job.instance_paths]
+        with stage("assemble"):
+            volume = assemble_volume(datasets)
+        predictor = self.predictor
+        with stage("preprocess"):
+            tensor = predictor.preprocess(volume)
+        with stage("inference"):
+            prediction = predictor.predict_tensor(tensor)
+        with stage("report"):
+            sr = build_sr(datasets, prediction, predictor.info)
+            buffer = io.BytesIO()
+            sr.save_as(buffer, enforce_file_format=True)
+        with stage("write"):
+            sr_series, sr_sop = sr_uids(job.series_instance_uid, predictor.info.sha256)
+            key = SpoolKey(job.study_instance_uid, sr_series, sr_sop)
+            path = self.reports.write(key, (buffer.getvalue(),))
+            destinations = [d.name for d in self.settings.destinations]
+            if not destinations:
+                self.outbox.write(key, (buffer.getvalue(),))
+        self.queue.finish(
+            job.job_id,
+            {
+                "probability": prediction.probability,
+                "label": prediction.label,
+                "model_id": prediction.model_id,
+                "device": prediction.device,
+                "synthetic": prediction.synthetic,
+                "timings": timings,
+                "sr_sop_instance_uid": sr_sop,
+                "sr_path": str(path),
+            },
+            destinations,
+        )
+        log.info("%s p=%.3f with %s on %s; timings ms %s", prediction.label, prediction.probability,
+                 prediction.model_id, prediction.device, timings)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if not self.run_once():
+                stop.wait(POLL_SECONDS)
+
+
+def worker_main(config_path: str | None, overrides: dict) -> None:
+    """Entry point of a worker process (multiprocessing, spawn)."""
+    settings = load_settings(config_path, overrides)
+    setup_logging(settings.node.log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    engine = make_engine(settings.storage.resolved_database_url)
+    try:
+        Worker(settings, JobQueue(engine)).run(stop)
+    finally:
+        engine.dispose()

@@ -1,0 +1,160 @@
+"""Study in, SR in PACS: DCMTK storescu -> migraine-node (subprocess, worker process) -> real Orthanc."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import highdicom as hd
+import pytest
+
+from model.synth import write_series
+from tests.peers import DCMTK_ENV, NODE_AE, STORESCU, OrthancProcess, free_port, wait_until
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path):
+    started = []
+
+    def make(modalities=None) -> OrthancProcess:
+        pacs = OrthancProcess.create(tmp_path / f"orthanc{len(started)}", modalities)
+        started.append(pacs)
+        return pacs
+
+    yield make
+    for pacs in started:
+        pacs.stop()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A 3D T1 (passes selection) and a T2 series (must be skipped) in one study."""
+    root = tmp_path_factory.mktemp("study")
+    t1 = write_series(root / "t1", slices=104, rows=80, columns=80, spacing=1.5, seed=11, responder=True)
+    t2 = write_series(root / "t2", slices=104, rows=80, columns=80, spacing=1.5, seed=12,
+                      study_instance_uid=t1.study_instance_uid, patient_id="SYNTH-000011", series_description="T2W_TSE")
+    return root, t1, t2
+
+
+def send_study(root, port: int, called: str = NODE_AE) -> None:
+    for name in ("t1", "t2"):
+        result = subprocess.run([STORESCU, "-aet", "SCANNER", "-aec", called, "127.0.0.1", str(port), "+sd",
+                                 str(root / name)], env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+
+
+def row_of(node, series_uid: str) -> dict | None:
+    return next((r for r in node.jobs() if r["series_instance_uid"] == series_uid), None)
+
+
+def wait_state(node, series_uid: str, state: str, timeout: float = 120) -> dict:
+    def check():
+        row = row_of(node, series_uid)
+        if row and row["state"] == "failed":
+            raise AssertionError(f"job failed: {row['reason']}\n{node.log_text()[-3000:]}")
+        return row if row and row["state"] == state else None
+
+    return wait_until(check, timeout=timeout, interval=0.5, what=f"series {state}")
+
+
+def sr_in(pacs: OrthancProcess, study_uid: str) -> list[str]:
+    return pacs.find_instances({"StudyInstanceUID": study_uid, "Modality": "SR"})
+
+
+def check_sr(pacs: OrthancProcess, instance_id: str, tmp_path, study_uid: str, row: dict) -> hd.sr.ComprehensiveSR:
+    path = tmp_path / "from-pacs.dcm"
+    path.write_bytes(pacs.download(instance_id))
+    verify = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    errors = [line for line in (verify.stdout + verify.stderr).splitlines() if line.startswith("Error")]
+    assert errors == [], verify.stderr
+    sr = hd.sr.srread(path)
+    assert sr.StudyInstanceUID == study_uid
+    assert sr.SOPInstanceUID == row["sr_sop_instance_uid"]
+    text = " | ".join(str(e.value) for e in sr.iterall() if e.VR not in ("SQ", "OB", "OW", "UN"))
+    assert row["label"] in ("responder", "non-responder")
+    assert ("NSAID responder" if row["label"] == "responder" else "NSAID non-responder") in text
+    assert f"{round(row['probability'], 4)}".rstrip("0") in text
+    assert row["model_id"] in text and "SYNTHETIC" in text and "Research use only" in text
+    return sr
+
+
+def test_study_from_scanner_sr_in_orthanc_then_replay_and_resend(node_factory, orthanc_factory, study,
+                                                                 tiny_checkpoint, tmp_path):
+    root, t1, t2 = study
+    pacs = orthanc_factory()
+    pacs.start()
+    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=2,
+                        destinations=[{"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port}]).start()
+    send_study(root, node.port)
+
+    row = wait_state(node, t1.series_instance_uid, "delivered")
+    assert row["deliveries"] == [{"destination": "pacs", "state": "sent", "attempts": 1, "last_error": None}]
+    assert set(row["timings"]) >= {"load", "assemble", "preprocess", "inference", "report", "write"}
+    skipped = wait_state(node, t2.series_instance_uid, "skipped")
+    assert "T2W_TSE" in skipped["reason"] and skipped["sr_sop_instance_uid"] is None
+
+    [sr_id] = wait_until(lambda: sr_in(pacs, t1.study_instance_uid), timeout=30, what="SR in Orthanc")
+    check_sr(pacs, sr_id, tmp_path, t1.study_instance_uid, row)
+
+    # resend: delivered again, same SOP Instance UID, so PACS still holds one SR.
+    cli = node.cli("resend", t1.series_instance_uid)
+    assert cli.returncode == 0, cli.stderr
+    row = wait_state(node, t1.series_instance_uid, "delivered")
+    assert row["deliveries"][0]["attempts"] == 1 and row["deliveries"][0]["state"] == "sent"
+    assert len(sr_in(pacs, t1.study_instance_uid)) == 1
+
+    # replay: a new job version from the spool; the old result stays in history.
+    cli = node.cli("replay", t1.series_instance_uid)
+    assert cli.returncode == 0, cli.stderr
+    wait_until(lambda: (r := row_of(node, t1.series_instance_uid)) and r["version"] == 2 and r["state"] == "delivered",
+               timeout=120, interval=0.5, what="replayed series delivered")
+    shown = node.cli("show", t1.series_instance_uid, "--json")
+    history = json.loads(shown.stdout)["jobs"]
+    assert [j["version"] for j in history] == [1, 2]
+    assert history[0]["probability"] == pytest.approx(history[1]["probability"], abs=1e-6)
+    assert len(sr_in(pacs, t1.study_instance_uid)) == 1  # deterministic SR UID: no duplicate in PACS
+
+    status = node.cli("status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["failed"] == 0
+    assert "SYNTHETIC^PHANTOM" not in node.log_text() and "SYNTH-000011" not in node.log_text()
+
+
+def test_pacs_routes_study_to_node(node_factory, orthanc_factory, study, tiny_checkpoint, tmp_path):
+    """As a PACS auto-routing rule would: the study arrives at Orthanc, Orthanc forwards it to the node."""
+    root, t1, _ = study
+    node_port = free_port()
+    pacs = orthanc_factory({"node": (NODE_AE, node_port)}).start()
+    node = node_factory(port=node_port, workers=1, checkpoint=tiny_checkpoint, idle_seconds=2,
+                        destinations=[{"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port}]).start()
+    send_study(root, pacs.dicom_port, called=pacs.aet)
+    found = wait_until(
+        lambda: pacs.post("/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": t1.study_instance_uid}}),
+        timeout=30, what="study in Orthanc")
+    assert len(found) == 1, found
+    pacs.post("/modalities/node/store", {"Resources": found, "Synchronous": True})
+    row = wait_state(node, t1.series_instance_uid, "delivered")
+    [sr_id] = wait_until(lambda: sr_in(pacs, t1.study_instance_uid), timeout=30, what="SR in Orthanc")
+    check_sr(pacs, sr_id, tmp_path, t1.study_instance_uid, row)
+    assert row["calling_ae_title"] == pacs.aet
+
+
+def test_pacs_down_then_up_sr_delivered_once(node_factory, orthanc_factory, study, tiny_checkpoint, tmp_path):
+    root, t1, _ = study
+    pacs = orthanc_factory()  # created (ports chosen) but not started: the PACS is down
+    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=2, export_retry_seconds=1,
+                        destinations=[{"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port}]).start()
+    send_study(root, node.port)
+
+    def retrying():
+        row = row_of(node, t1.series_instance_uid)
+        return row if row and row["deliveries"] and row["deliveries"][0]["attempts"] >= 2 else None
+
+    row = wait_until(retrying, timeout=120, interval=0.5, what="delivery retried while the PACS is down")
+    assert row["state"] == "classified"
+    assert row["deliveries"][0]["state"] == "pending" and "cannot connect" in row["deliveries"][0]["last_error"]
+
+    pacs.start()
+    row = wait_state(node, t1.series_instance_uid, "delivered", timeout=60)
+    assert row["deliveries"][0]["state"] == "sent"
+    assert len(sr_in(pacs, t1.study_instance_uid)) == 1
+    assert pacs.get("/statistics")["CountInstances"] == 1  # exactly one object reached the PACS: the SR
