@@ -26,7 +26,7 @@ apt:
 	fi
 
 demo: install
-	$(VENV)/bin/migraine-node serve --config deploy/config.demo.toml
+	$(VENV)/bin/migraine-node demo --config deploy/config.demo.toml
 
 test: install-test
 	$(PY) -m pytest -q

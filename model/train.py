@@ -67,6 +67,15 @@ def auc_of(model: nn.Module, items: list[tuple[torch.Tensor, int]], device: torc
     return delong_auc_variance(labels, scores)[0], scores
 
 
+def log_loss(labels: list[int], scores: list[float]) -> float:
+    """Mean binary cross-entropy of the responder probabilities (nan without items)."""
+    if not labels:
+        return math.nan
+    eps = 1e-7
+    return float(-np.mean([y * math.log(max(p, eps)) + (1 - y) * math.log(max(1 - p, eps))
+                           for y, p in zip(labels, scores)]))
+
+
 def predict_scores(model: nn.Module, tensors: list[torch.Tensor], device: torch.device) -> list[float]:
     model.eval()
     amp = autocast_dtype(device)
@@ -107,7 +116,7 @@ def train(
     if augment is not None:
         augment.set_random_state(seed=config.seed)
 
-    start_epoch, best_auc, best_epoch, history = 0, -1.0, -1, []
+    start_epoch, best_auc, best_loss, best_epoch, history = 0, -1.0, math.inf, -1, []
     state_path = out_dir / STATE
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -120,6 +129,7 @@ def train(
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         start_epoch, best_auc, best_epoch = state["epoch"] + 1, state["best_auc"], state["best_epoch"]
+        best_loss = state.get("best_loss", math.inf)
         history = state["history"]
         torch.set_rng_state(state["torch_rng"])
 
@@ -149,18 +159,24 @@ def train(
             scaler.update()
             losses.append(loss.detach().item())
         test_auc, scores = auc_of(model, test_items, device)
+        test_loss = log_loss([y for _, y in test_items], scores)
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan, "test_auc": test_auc,
-                  "seconds": round(time.perf_counter() - started, 1)}
+                  "test_loss": test_loss, "seconds": round(time.perf_counter() - started, 1)}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", auc=f"{test_auc:.3f}")
-        improved = not math.isnan(test_auc) and test_auc > best_auc
+        # Best by test AUC; among equal AUCs the lower test loss (better calibrated) wins.
+        improved = not math.isnan(test_auc) and (
+            test_auc > best_auc or (test_auc == best_auc and test_loss < best_loss)
+        )
         if improved or best_epoch < 0:
             best_auc = test_auc if improved else best_auc
+            best_loss = test_loss if improved else best_loss
             best_epoch = epoch
             summary = {
                 **asdict(config),
                 "best_epoch": best_epoch,
                 "test_auc": None if math.isnan(test_auc) else round(test_auc, 4),
+                "test_loss": None if math.isnan(test_loss) else round(test_loss, 4),
                 "n_train": len(train_items),
                 "n_test": len(test_items),
                 "train_positives": sum(y for _, y in train_items),
@@ -171,7 +187,8 @@ def train(
                                    cutoff=config.cutoff, synthetic=synthetic, training=summary)
         torch.save(
             {"config": asdict(config), "model": model.state_dict(), "optimiser": optimiser.state_dict(),
-             "epoch": epoch, "best_auc": best_auc, "best_epoch": best_epoch, "history": history,
+             "epoch": epoch, "best_auc": best_auc, "best_loss": best_loss, "best_epoch": best_epoch,
+             "history": history,
              "torch_rng": torch.get_rng_state()},
             state_path,
         )

@@ -73,6 +73,14 @@ def _print_table(rows: list[dict]) -> None:
         print("  ".join(col.ljust(w) for col, w in zip(line[:-1], widths)) + "  " + line[-1])
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging("WARNING")
+    from node.demo import run_demo
+
+    return run_demo(settings, args.config)
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     store = _store(_settings(args))
     rows = [v.to_json() for v in store.list_series(args.state)]
@@ -220,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="override [node] port")
     p.add_argument("--host", help="override [node] host")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", parents=[common], help="end-to-end demo on loopback with a stand-in PACS")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("jobs", parents=[common], help="list series and their state")
     p.add_argument("--state", choices=[s.value for s in SeriesState], help="only series in this state")

@@ -49,3 +49,4 @@ def setup_logging(level: str = "INFO") -> None:
     # pynetdicom at INFO logs every PDU; its warnings and errors still show.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)

@@ -189,6 +189,30 @@ def _measurement_group(
     return group
 
 
+def _representative(evidence: Sequence[Dataset]) -> Dataset:
+    """The centre slice (by position along the slice normal), or the multi-frame object.
+
+    The Image Library (TID 1600) lists one image of the series: the prediction
+    is about the whole series and references no single image, and viewers (OHIF)
+    need one entry to attach the report to the series. Listing all 170 slices
+    with their TID 1602 descriptors cost ~9 s per report in highdicom; every
+    source instance is still referenced in the Current Requested Procedure
+    Evidence Sequence.
+    """
+    if len(evidence) == 1:
+        return evidence[0]
+    orientation = [float(v) for v in evidence[0].get("ImageOrientationPatient", ())]
+    if len(orientation) != 6 or any("ImagePositionPatient" not in ds for ds in evidence):
+        return evidence[len(evidence) // 2]
+    normal = (
+        orientation[1] * orientation[5] - orientation[2] * orientation[4],
+        orientation[2] * orientation[3] - orientation[0] * orientation[5],
+        orientation[0] * orientation[4] - orientation[1] * orientation[3],
+    )
+    ordered = sorted(evidence, key=lambda ds: sum(float(p) * n for p, n in zip(ds.ImagePositionPatient, normal)))
+    return ordered[len(ordered) // 2]
+
+
 def build_sr(
     evidence: Sequence[Dataset],
     prediction: Prediction,
@@ -218,7 +242,7 @@ def build_sr(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_MR_BRAIN,
         imaging_measurements=[_measurement_group(series_uid, prediction, model)],
-        referenced_images=[_library_view(ds) for ds in evidence],
+        referenced_images=[_library_view(_representative(evidence))],
     )
     sr = ComprehensiveSR(
         evidence=[_patient_study_source(evidence[0]), *evidence[1:]],

@@ -21,6 +21,7 @@ from pathlib import Path
 import pydicom
 
 from node.config import Settings, load_settings
+from node.dimse_tuning import disable_pydicom_validation
 from node.logs import log_context, setup_logging
 from storage.db import make_engine
 from storage.jobs import ClaimedJob, JobQueue
@@ -28,6 +29,7 @@ from storage.spool import Spool, SpoolKey
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
+PIXEL_DATA = 0x7FE00010
 
 
 def model_directory(settings: Settings) -> Path:
@@ -45,6 +47,16 @@ def model_directory(settings: Settings) -> Path:
                         directory)
             build_demo_model(directory, progress=False)
     return directory
+
+
+def _without_pixels(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A header view (shares element objects): the SR copies evidence attributes, never pixels."""
+    header = pydicom.Dataset()
+    for element in ds:
+        if element.tag != PIXEL_DATA:
+            header.add(element)
+    header.file_meta = ds.file_meta
+    return header
 
 
 class Worker:
@@ -103,7 +115,8 @@ class Worker:
         with stage("inference"):
             prediction = predictor.predict_tensor(tensor)
         with stage("report"):
-            sr = build_sr(datasets, prediction, predictor.info)
+            headers = [_without_pixels(ds) for ds in datasets]
+            sr = build_sr(headers, prediction, predictor.info)
             buffer = io.BytesIO()
             sr.save_as(buffer, enforce_file_format=True)
         with stage("write"):
@@ -140,6 +153,9 @@ def worker_main(config_path: str | None, overrides: dict) -> None:
     """Entry point of a worker process (multiprocessing, spawn)."""
     settings = load_settings(config_path, overrides)
     setup_logging(settings.node.log_level)
+    # highdicom validates the SR it builds; pydicom's per-value regexes on top
+    # cost ~3 s per 170-slice report. Every SR we emit is checked by dciodvfy in the tests.
+    disable_pydicom_validation()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop

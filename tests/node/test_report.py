@@ -133,7 +133,12 @@ def test_sr_is_valid_and_carries_the_prediction(request, tmp_path, kind, label):
     assert observer.observer_identifying_attributes.model_name == _model().model_id
 
     source_uids = {ds.SOPInstanceUID for ds in evidence}
-    assert _image_library_uids(sr) == source_uids
+    # The Image Library lists the centre image; the evidence sequence lists every source instance.
+    (library_uid,) = _image_library_uids(sr)
+    assert library_uid in source_uids
+    if len(evidence) > 1:
+        centre = sorted(evidence, key=lambda ds: float(ds.SliceLocation))[len(evidence) // 2]
+        assert library_uid == centre.SOPInstanceUID
     assert {uids[2] for uids in sr.get_evidence(current_procedure_only=True)} == source_uids
     assert "PertinentOtherEvidenceSequence" not in sr
 
@@ -213,7 +218,7 @@ def test_instance_without_geometry_is_rejected_clearly(classic):
     broken = pydicom.dcmread(classic[2].filename, stop_before_pixels=True)
     del broken.ImageOrientationPatient
     with pytest.raises(ValueError, match="ImageOrientationPatient, needed for the Image Library"):
-        build_sr([classic[0], classic[1], broken], _prediction(), _model())
+        build_sr([broken], _prediction(), _model())
 
 
 def test_enhanced_library_entry_uses_functional_group_geometry(enhanced):
