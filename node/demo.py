@@ -118,7 +118,7 @@ def run_demo(settings: Settings, config_path: str | None, timeout: float = 1800)
     from node.worker import model_directory
 
     print("1/5 demo model:", flush=True)
-    model_dir = model_directory(settings)  # builds the synthetic demo model when missing (a few minutes)
+    model_dir = model_directory(settings, progress=True)  # builds the synthetic demo model when missing
     info = json.loads((model_dir / "model.json").read_text())
     print(f"    {info['name']} ({'SYNTHETIC' if info['synthetic'] else 'trained'}), {model_dir}", flush=True)
 

@@ -32,7 +32,7 @@ POLL_SECONDS = 0.5
 PIXEL_DATA = 0x7FE00010
 
 
-def model_directory(settings: Settings) -> Path:
+def model_directory(settings: Settings, progress: bool = False) -> Path:
     """The configured checkpoint, or the demo model (built now if missing)."""
     if settings.model.checkpoint is not None:
         return settings.model.checkpoint
@@ -45,7 +45,7 @@ def model_directory(settings: Settings) -> Path:
         if not (directory / "model.json").exists():
             log.warning("no [model] checkpoint configured: building the SYNTHETIC demo model in %s (a few minutes)",
                         directory)
-            build_demo_model(directory, progress=False)
+            build_demo_model(directory, progress=progress)
     return directory
 
 

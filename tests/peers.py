@@ -180,6 +180,7 @@ class OrthancProcess:
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
             "UnknownSopClassAccepted": True,
+            "DicomAlwaysAllowGet": True,
             "DicomModalities": {name: [aet, "127.0.0.1", port] for name, (aet, port) in (modalities or {}).items()},
             "Plugins": [],
             "StableAge": 2,

@@ -110,3 +110,14 @@ def test_bad_input_spec_is_a_clear_error(tmp_path, capsys, bad):
     code, _, err = run(capsys, "train", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"),
                        "--input-spec", bad)
     assert code == 1 and "--input-spec" in err
+
+
+def test_youden_midpoint_keeps_the_held_out_operating_point():
+    from model.demo import youden_midpoint
+    from model.metrics import binary_metrics
+
+    labels, scores = [1, 1, 1, 0, 0, 0], [0.99, 0.98, 0.97, 0.84, 0.80, 0.60]
+    cutoff = youden_midpoint(labels, scores)
+    assert cutoff == pytest.approx((0.97 + 0.84) / 2)
+    at_mid, at_youden = binary_metrics(labels, scores, cutoff=cutoff), binary_metrics(labels, scores)
+    assert (at_mid.sensitivity, at_mid.specificity) == (at_youden.sensitivity, at_youden.specificity) == (1.0, 1.0)

@@ -158,3 +158,22 @@ def test_pacs_down_then_up_sr_delivered_once(node_factory, orthanc_factory, stud
     assert row["deliveries"][0]["state"] == "sent"
     assert len(sr_in(pacs, t1.study_instance_uid)) == 1
     assert pacs.get("/statistics")["CountInstances"] == 1  # exactly one object reached the PACS: the SR
+
+
+def test_replay_from_pacs_retrieves_by_c_get(node_factory, orthanc_factory, study, tiny_checkpoint):
+    """The node never saw the study: `replay --from-pacs` fetches it from Orthanc by C-GET and classifies it."""
+    root, t1, t2 = study
+    pacs = orthanc_factory().start()
+    send_study(root, pacs.dicom_port, called=pacs.aet)
+    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=2,
+                        destinations=[{"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port}]).start()
+    cli = node.cli("replay", "--from-pacs", "pacs", t1.study_instance_uid)
+    assert cli.returncode == 0, cli.stderr + node.log_text()[-2000:]
+    assert f"retrieved {104 * 2} instance(s)" in cli.stdout
+    row = wait_state(node, t1.series_instance_uid, "delivered")
+    assert row["instances"] == 104
+    wait_state(node, t2.series_instance_uid, "skipped")
+    assert len(sr_in(pacs, t1.study_instance_uid)) == 1
+
+    unknown = node.cli("replay", "--from-pacs", "nowhere", t1.study_instance_uid)
+    assert unknown.returncode == 1 and "no [[destinations]] named 'nowhere'" in unknown.stderr
