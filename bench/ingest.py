@@ -94,7 +94,7 @@ def run_node(work: Path, series_dir: Path, n: int) -> float:
     config.write_text(
         f'[node]\nae_title = "MIGNODE"\nhost = "127.0.0.1"\nport = {port}\nlog_level = "WARNING"\n'
         f'[storage]\ndata_dir = "{data}"\nmin_free_disk_mb = 64\n'
-        "[series]\nidle_seconds = 30\n"
+        "[series]\nidle_seconds = 30\n[worker]\nprocesses = 0\n"
     )
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], cwd=ROOT)
     try:

@@ -1,11 +1,13 @@
 """Selection stage: a complete series becomes `queued` (3D T1) or `skipped`.
 
-Runs on the node's scheduler (never on an association thread); reads only the
-headers of the spooled files and applies the pure rules of node/selection.py.
+Runs on the node's scheduler (never on an association thread); reads the
+header of one spooled file, counts the series' instances, and applies the pure
+rules of node/selection.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pydicom
@@ -31,10 +33,15 @@ class Dispatcher:
             with log_context(job=job_id, series=series_uid):
                 try:
                     paths = self.queue.instance_paths(series_uid)
-                    datasets = [pydicom.dcmread(self.spool.root / p, stop_before_pixels=True) for p in paths]
-                    if not datasets:
+                    if not paths:
                         raise ValueError("no instances recorded")
-                    decision = select_series(header_from_datasets(datasets), self.rules)
+                    # One header speaks for the series (protocol, geometry); the slice
+                    # count comes from the rows (a multi-frame object counts its frames).
+                    first = pydicom.dcmread(self.spool.root / paths[0], stop_before_pixels=True)
+                    header = header_from_datasets([first])
+                    if len(paths) > 1:
+                        header = dataclasses.replace(header, slices=header.slices * len(paths))
+                    decision = select_series(header, self.rules)
                 except Exception as exc:  # an unreadable spool file must not stop the stage
                     self.queue.selected(job_id, False, f"cannot read the series headers: {exc}")
                     log.error("selection could not read the series: %s", exc)

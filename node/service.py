@@ -28,6 +28,8 @@ from storage.store import JobStore
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
+# Selection and export are cheap queries when idle; a short tick keeps them off the critical path.
+FAST_TICK_SECONDS = 0.25
 WORKER_STOP_SECONDS = 60
 
 
@@ -59,13 +61,13 @@ class NodeService:
         requeued = self.queue.requeue_interrupted()
         if requeued:
             log.warning("%d job(s) interrupted by a previous stop were queued again", requeued)
-        for job_id, func in (
-            ("series-completion", self.tracker.tick),
-            ("selection", self.dispatcher.run),
-            ("export", self.exporter.run_due),
+        for job_id, func, seconds in (
+            ("series-completion", self.tracker.tick, TICK_SECONDS),
+            ("selection", self.dispatcher.run, FAST_TICK_SECONDS),
+            ("export", self.exporter.run_due, FAST_TICK_SECONDS),
         ):
             self.scheduler.add_job(
-                self._guarded, "interval", args=[job_id, func], seconds=TICK_SECONDS, id=job_id,
+                self._guarded, "interval", args=[job_id, func], seconds=seconds, id=job_id,
                 max_instances=1, coalesce=True,
             )
         self.scheduler.start()

@@ -28,7 +28,7 @@ from storage.jobs import ClaimedJob, JobQueue
 from storage.spool import Spool, SpoolKey
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.25
 PIXEL_DATA = 0x7FE00010
 
 
@@ -144,6 +144,8 @@ class Worker:
                  prediction.model_id, prediction.device, timings)
 
     def run(self, stop: threading.Event) -> None:
+        """Load the model first (torch import + weights take seconds), then poll for jobs."""
+        _ = self.predictor
         while not stop.is_set():
             if not self.run_once():
                 stop.wait(POLL_SECONDS)
