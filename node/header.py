@@ -6,6 +6,7 @@ pixel data is never decoded and pydicom converts only the elements we touch.
 
 from __future__ import annotations
 
+import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
@@ -77,8 +78,124 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
     )
 
 
+# Top-level elements ingest reads, by tag: (keyword, kind).
+_WANTED = {
+    0x00080016: ("sop_class_uid", "text"),
+    0x00080018: ("sop_instance_uid", "text"),
+    0x00080060: ("modality", "text"),
+    0x0008103E: ("series_description", "text"),
+    0x0020000D: ("study_instance_uid", "text"),
+    0x0020000E: ("series_instance_uid", "text"),
+    0x00200011: ("series_number", "int"),
+    0x00200013: ("instance_number", "int"),
+    0x00201002: ("images_in_acquisition", "int"),
+    0x00280008: ("number_of_frames", "int"),
+}
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Unsupported(Exception):
+    """The fast scanner met something it does not handle; pydicom takes over."""
+
+
+def _skip_undefined(buf: bytes, pos: int, little: bool) -> int:
+    """Position after the sequence delimiter of an undefined-length sequence at `pos`."""
+    order = "<" if little else ">"
+    while True:
+        group, element, length = struct.unpack_from(order + "HHI", buf, pos)
+        tag = group << 16 | element
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _Unsupported(f"unexpected tag {tag:08X} in a sequence")
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        pos = _skip_item(buf, pos, little)
+
+
+def _skip_item(buf: bytes, pos: int, little: bool) -> int:
+    """Walk an undefined-length item (explicit VR: _scan refuses implicit) up to its delimiter."""
+    while True:
+        group, element = struct.unpack_from("<HH" if little else ">HH", buf, pos)
+        if (group << 16 | element) == _ITEM_END:
+            return pos + 8
+        pos = _next_element(buf, pos, little, False)[3]
+
+
+def _next_element(buf: bytes, pos: int, little: bool, implicit: bool) -> tuple[int, int, int, int]:
+    """(tag, value start, value length, position after the element) of the element at `pos`."""
+    order = "<" if little else ">"
+    group, element = struct.unpack_from(order + "HH", buf, pos)
+    tag = group << 16 | element
+    if implicit or group == 0xFFFE:
+        (length,) = struct.unpack_from(order + "I", buf, pos + 4)
+        start = pos + 8
+    else:
+        vr = buf[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from(order + "I", buf, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from(order + "H", buf, pos + 6)
+            start = pos + 8
+    if length == _UNDEFINED:
+        return tag, start, 0, _skip_undefined(buf, start, little)
+    end = start + length
+    if end > len(buf):
+        raise _Unsupported("element runs past the end of the dataset")
+    return tag, start, length, end
+
+
+def _scan(buf: bytes, little: bool, implicit: bool) -> InstanceHeader:
+    """Walk top-level elements up to Number of Frames, decoding only the wanted ones."""
+    if implicit:
+        raise _Unsupported("implicit VR: nested undefined lengths need the data dictionary")
+    found: dict[str, object] = {}
+    pos = 0
+    while pos < len(buf):
+        tag, start, length, pos = _next_element(buf, pos, little, implicit)
+        if tag > _STOP_AFTER:
+            break
+        wanted = _WANTED.get(tag)
+        if wanted is None:
+            continue
+        raw = buf[start : start + length].rstrip(b"\x00 ").lstrip(b" ")
+        name, kind = wanted
+        if kind == "int":
+            try:
+                found[name] = int(raw.split(b"\\")[0]) if raw else None
+            except ValueError:
+                found[name] = None
+        else:
+            try:
+                found[name] = raw.decode("ascii") or None
+            except UnicodeDecodeError:
+                raise _Unsupported("non-ASCII text: let pydicom apply the character set") from None
+    return InstanceHeader(
+        sop_class_uid=found.get("sop_class_uid"),
+        sop_instance_uid=found.get("sop_instance_uid"),
+        study_instance_uid=found.get("study_instance_uid"),
+        series_instance_uid=found.get("series_instance_uid"),
+        modality=found.get("modality"),
+        series_description=found.get("series_description"),
+        series_number=found.get("series_number"),
+        instance_number=found.get("instance_number"),
+        images_in_acquisition=found.get("images_in_acquisition"),
+        number_of_frames=found.get("number_of_frames") or 1,
+    )
+
+
 def read_header(encoded: bytes, transfer_syntax_uid: str) -> InstanceHeader:
-    """Parse the header of a dataset encoded in `transfer_syntax_uid` (no file meta)."""
+    """Parse the header of a dataset encoded in `transfer_syntax_uid` (no file meta).
+
+    A struct-based scan of the top-level elements handles the common case
+    (explicit VR, ASCII text) in a fraction of pydicom's time on the C-STORE
+    hot path; anything else goes through pydicom.
+    """
     ts = UID(transfer_syntax_uid)
     if ts == DeflatedExplicitVRLittleEndian:
         try:
@@ -87,6 +204,10 @@ def read_header(encoded: bytes, transfer_syntax_uid: str) -> InstanceHeader:
             raise HeaderError(f"deflated dataset does not inflate: {exc}") from None
     implicit = ts == ImplicitVRLittleEndian
     little = ts != ExplicitVRBigEndian
+    try:
+        return _scan(encoded, little, implicit)
+    except (_Unsupported, struct.error):
+        pass
     try:
         ds = read_dataset(
             BytesIO(encoded),
