@@ -153,6 +153,9 @@ def test_pacs_down_then_up_sr_delivered_once(node_factory, orthanc_factory, stud
     assert row["state"] == "classified"
     assert row["deliveries"][0]["state"] == "pending" and "cannot connect" in row["deliveries"][0]["last_error"]
 
+    # The pending delivery survives a restart of the node.
+    node.stop()
+    node.start()
     pacs.start()
     row = wait_state(node, t1.series_instance_uid, "delivered", timeout=60)
     assert row["deliveries"][0]["state"] == "sent"
