@@ -9,7 +9,7 @@ from model.checkpoint import save_checkpoint
 from model.network import build_network
 from model.preprocess import InputSpec
 from model.synth import SyntheticSeries, write_classic_series
-from tests.peers import NodeProcess
+from tests.peers import NodeProcess, free_port
 
 TINY_SPEC = InputSpec(spacing=(8.0, 8.0, 8.0), shape=(24, 32, 32))
 
@@ -52,3 +52,35 @@ def node_factory(tmp_path):
     for node in started:
         node.stop()
 
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture
+def in_process_node(tmp_path):
+    """NodeService (SCP + scheduler, no worker process) on a free loopback port; stopped after the test."""
+    from node.config import load_settings
+    from node.service import NodeService
+
+    started = []
+
+    def make(**overrides) -> NodeService:
+        base = {
+            "node": {"ae_title": "MIGNODE", "host": "127.0.0.1", "port": free_port()},
+            "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk_mb": 1},
+            "series": {"idle_seconds": 1, "max_wait_seconds": 60},
+            "worker": {"processes": 0},
+        }
+        svc = NodeService(load_settings(overrides=_deep_merge(base, overrides)))
+        svc.start()
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in started:
+        svc.stop()

@@ -11,33 +11,14 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless, generate_ui
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom import _config as pynetdicom_config
 
-from node.config import load_settings
 from node.errors import StoreStatus
-from node.service import NodeService
+from node.service import NodeService  # noqa: F401  (type of the fixture's nodes)
 from tests.peers import free_port, wait_until
 
 
 @pytest.fixture
-def service(tmp_path):
-    started = []
-
-    def make(**storage) -> NodeService:
-        settings = load_settings(
-            overrides={
-                "node": {"ae_title": "MIGNODE", "host": "127.0.0.1", "port": free_port()},
-                "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk_mb": 1, **storage},
-                "series": {"idle_seconds": 1, "max_wait_seconds": 60},
-                "worker": {"processes": 0},
-            }
-        )
-        svc = NodeService(settings)
-        svc.start()
-        started.append(svc)
-        return svc
-
-    yield make
-    for svc in started:
-        svc.stop()
+def service(in_process_node):
+    return lambda **storage: in_process_node(storage=storage)
 
 
 def send(port: int, *datasets_or_paths, transfer_syntax=None) -> list[int]:
@@ -139,6 +120,10 @@ def test_late_or_changed_instance_reopens_a_completed_series_as_new_version(serv
     assert send(svc.port, datasets[-1]) == [StoreStatus.SUCCESS]
     view = svc.store.get_series(series.series_instance_uid)
     assert (view.version, view.instances) == (2, 48)
+    # The node completes it when it handles the release, which may be just after our release() returns.
+    view = wait_until(
+        lambda: (v := svc.store.get_series(series.series_instance_uid)) and v.state != "receiving" and v, timeout=20
+    )
     assert "expected instance count reached (48/48)" in view.reason
     wait_until(lambda: svc.store.get_series(series.series_instance_uid).state == "skipped", timeout=20)
 

@@ -9,7 +9,7 @@ import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, MRImageStorage  # type: ignore[attr-defined]
 
-from node.config import ExportSection, load_settings
+from node.config import ExportSection
 from node.export import Exporter, backoff_seconds, classify_status
 from node.service import NodeService
 from node.worker import Worker
@@ -17,27 +17,16 @@ from tests.peers import free_port, wait_until
 
 
 @pytest.fixture
-def service(tmp_path, tiny_checkpoint):
-    started = []
-
+def service(in_process_node, tiny_checkpoint):
     def make(destinations=(), **worker) -> NodeService:
-        settings = load_settings(overrides={
-            "node": {"ae_title": "MIGNODE", "host": "127.0.0.1", "port": free_port()},
-            "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk_mb": 1},
-            "series": {"idle_seconds": 1},
-            "model": {"checkpoint": str(tiny_checkpoint), "device": "cpu"},
-            "worker": {"processes": 0, "retry_seconds": 0, **worker},
-            "export": {"retry_initial_seconds": 0.1, "retry_max_seconds": 0.2, "max_attempts": 3},
-            "destinations": list(destinations),
-        })
-        svc = NodeService(settings)
-        svc.start()
-        started.append(svc)
-        return svc
+        return in_process_node(
+            model={"checkpoint": str(tiny_checkpoint), "device": "cpu"},
+            worker={"processes": 0, "retry_seconds": 0, **worker},
+            export={"retry_initial_seconds": 0.1, "retry_max_seconds": 0.2, "max_attempts": 3},
+            destinations=list(destinations),
+        )
 
-    yield make
-    for svc in started:
-        svc.stop()
+    return make
 
 
 @pytest.fixture(scope="module")
