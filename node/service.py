@@ -13,16 +13,16 @@ import threading
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Settings
+from node.dimse_tuning import disable_pydicom_validation, shorten_acceptor_reactor_sleep
 from node.dispatch import Dispatcher
 from node.export import Exporter
-from node.worker import worker_main
-from node.dimse_tuning import disable_pydicom_validation, shorten_acceptor_reactor_sleep
 from node.recovery import recover
 from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers
 from node.tracker import SeriesTracker
+from node.worker import worker_main
 from storage.db import make_engine
-from storage.spool import Spool
 from storage.jobs import JobQueue
+from storage.spool import Spool
 from storage.store import JobStore
 
 log = logging.getLogger(__name__)

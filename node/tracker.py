@@ -47,13 +47,11 @@ class SeriesTracker:
         store: JobStore,
         series: SeriesSection,
         sender_active: Callable[[str], bool],
-        on_complete: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.idle_seconds = series.idle_seconds
         self.max_wait_seconds = series.max_wait_seconds
         self.sender_active = sender_active
-        self.on_complete = on_complete
 
     def tick(self, now: float | None = None, only: Iterable[str] | None = None) -> list[str]:
         """Complete every receiving series that satisfies a rule; returns their UIDs."""
@@ -74,8 +72,6 @@ class SeriesTracker:
                 with log_context(series=uid):
                     log.info("series complete with %d instances: %s", snapshot.instances, reason)
                 completed.append(uid)
-                if self.on_complete is not None:
-                    self.on_complete(uid)
         return completed
 
     def association_ended(self, series_instance_uids: Iterable[str]) -> None:

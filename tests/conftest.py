@@ -11,6 +11,20 @@ from model.preprocess import InputSpec
 from model.synth import SyntheticSeries, write_classic_series
 from tests.peers import NodeProcess, free_port
 
+@pytest.fixture(autouse=True)
+def _restore_global_dicom_settings():
+    """NodeService switches pydicom validation off process-wide (the ingest hot path);
+    put it back so each test sees the library defaults."""
+    import pydicom.config
+    from pynetdicom import _config as pynetdicom_config
+
+    saved = (pydicom.config.settings.reading_validation_mode, pydicom.config.settings.writing_validation_mode,
+             pynetdicom_config.STORE_SEND_CHUNKED_DATASET)
+    yield
+    (pydicom.config.settings.reading_validation_mode, pydicom.config.settings.writing_validation_mode,
+     pynetdicom_config.STORE_SEND_CHUNKED_DATASET) = saved
+
+
 TINY_SPEC = InputSpec(spacing=(8.0, 8.0, 8.0), shape=(24, 32, 32))
 
 
