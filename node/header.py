@@ -15,6 +15,9 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian, UID
 
+
+from storage.spool import SpoolKey
+from storage.store import InstanceRecord
 # Multi-frame SOP classes whose single object carries a whole series.
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.4"
@@ -46,6 +49,34 @@ class InstanceHeader:
         if self.sop_class_uid in MULTIFRAME_SERIES_SOP_CLASSES or self.number_of_frames > 1:
             return 1
         return self.images_in_acquisition
+
+
+def instance_record(
+    header: InstanceHeader,
+    sop_class_uid: str,
+    transfer_syntax_uid: str,
+    size_bytes: int,
+    calling_ae_title: str | None,
+) -> InstanceRecord:
+    """What storage records for one spooled instance; the path comes from the
+    validated UIDs (SpoolKey raises SpoolError for any that is not a UID)."""
+    key = SpoolKey(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+    return InstanceRecord(
+        study_instance_uid=key.study_instance_uid,
+        series_instance_uid=key.series_instance_uid,
+        sop_instance_uid=key.sop_instance_uid,
+        sop_class_uid=sop_class_uid,
+        transfer_syntax_uid=transfer_syntax_uid,
+        path=key.relative_path,
+        size_bytes=size_bytes,
+        modality=header.modality,
+        series_description=header.series_description,
+        series_number=header.series_number,
+        instance_number=header.instance_number,
+        number_of_frames=header.number_of_frames,
+        expected_instances=header.expected_instances,
+        calling_ae_title=calling_ae_title,
+    )
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

@@ -12,9 +12,9 @@ import logging
 
 import pydicom
 
-from node.header import header_from_dataset
-from storage.spool import Spool, SpoolKey
-from storage.store import InstanceRecord, JobStore, StoreError
+from node.header import header_from_dataset, instance_record
+from storage.spool import Spool
+from storage.store import JobStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +36,12 @@ def recover(spool: Spool, store: JobStore) -> tuple[int, int, int]:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             header = header_from_dataset(ds)
-            record = InstanceRecord(
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=str(ds.file_meta.MediaStorageSOPClassUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                path=SpoolKey(
-                    header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-                ).relative_path,
-                size_bytes=path.stat().st_size,
-                modality=header.modality,
-                series_description=header.series_description,
-                series_number=header.series_number,
-                instance_number=header.instance_number,
-                number_of_frames=header.number_of_frames,
-                expected_instances=header.expected_instances,
-                calling_ae_title=str(ds.file_meta.get("SourceApplicationEntityTitle", "")).strip() or None,
+            record = instance_record(
+                header,
+                str(ds.file_meta.MediaStorageSOPClassUID),
+                str(ds.file_meta.TransferSyntaxUID),
+                path.stat().st_size,
+                str(ds.file_meta.get("SourceApplicationEntityTitle", "")).strip() or None,
             )
             if record.path != relative:
                 raise StoreError("file name does not match its UIDs")

@@ -40,7 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.config import Settings
 from node.dimse_tuning import tune_association
 from node.errors import IngestError, StoreStatus
-from node.header import HeaderError, read_header
+from node.header import HeaderError, instance_record, read_header
 from node.logs import log_context
 from storage.spool import Spool, SpoolError, SpoolKey, encode_file_meta
 from storage.store import InstanceRecord, JobStore, RecordOutcome, StoreError
@@ -123,24 +123,11 @@ class Ingest:
                 raise IngestError(StoreStatus.MISSING_OR_INVALID_UID, f"{keyword} is not a valid UID")
         if header.sop_instance_uid != affected_sop_instance_uid:
             raise IngestError(StoreStatus.UID_MISMATCH, "SOPInstanceUID differs from the request's")
-        key = SpoolKey(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
-        replaced = not self.spool.same_content(key, chunks) if self.spool.path_for(key).exists() else None
-        record = InstanceRecord(
-            study_instance_uid=header.study_instance_uid,
-            series_instance_uid=header.series_instance_uid,
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=affected_sop_class_uid,
-            transfer_syntax_uid=str(transfer_syntax_uid),
-            path=key.relative_path,
-            size_bytes=sum(len(c) for c in chunks),
-            modality=header.modality,
-            series_description=header.series_description,
-            series_number=header.series_number,
-            instance_number=header.instance_number,
-            number_of_frames=header.number_of_frames,
-            expected_instances=header.expected_instances,
-            calling_ae_title=calling_ae_title,
+        record = instance_record(
+            header, affected_sop_class_uid, str(transfer_syntax_uid), sum(len(c) for c in chunks), calling_ae_title
         )
+        key = SpoolKey(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid)
+        replaced = not self.spool.same_content(key, chunks) if self.spool.path_for(key).exists() else None
         return record, replaced
 
     def receive(
