@@ -25,16 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.synth import write_classic_series  # noqa: E402
+from tests.peers import free_port  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -168,11 +168,11 @@ class _CliSource(PydanticBaseSettingsSource):
         return _CliSource.overrides
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -239,7 +239,7 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
             f"(expected {ENV_PREFIX}<SECTION>__<KEY> with SECTION one of {', '.join(Settings.model_fields)})"
         )
     saved = os.environ.pop(CONFIG_ENV, None)  # not a setting; keep it out of the env source
-    _CliSource.overrides = _deep_merge({}, overrides or {})
+    _CliSource.overrides = deep_merge({}, overrides or {})
     try:
         return Settings(**data)
     except ValidationError as exc:

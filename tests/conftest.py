@@ -68,17 +68,10 @@ def node_factory(tmp_path):
 
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 @pytest.fixture
 def in_process_node(tmp_path):
     """NodeService (SCP + scheduler, no worker process) on a free loopback port; stopped after the test."""
-    from node.config import load_settings
+    from node.config import deep_merge, load_settings
     from node.service import NodeService
 
     started = []
@@ -90,7 +83,7 @@ def in_process_node(tmp_path):
             "series": {"idle_seconds": 1, "max_wait_seconds": 60},
             "worker": {"processes": 0},
         }
-        svc = NodeService(load_settings(overrides=_deep_merge(base, overrides)))
+        svc = NodeService(load_settings(overrides=deep_merge(base, overrides)))
         svc.start()
         started.append(svc)
         return svc

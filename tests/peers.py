@@ -18,6 +18,13 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 NODE_AE = "MIGNODE"
 
 
+def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
+    """Run dicom3tools' dciodvfy on `path`: (its "Error" lines, its whole output)."""
+    result = subprocess.run(["/usr/bin/dciodvfy", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=120)
+    return [line for line in result.stdout.splitlines() if line.startswith("Error")], result.stdout
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

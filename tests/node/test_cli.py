@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 from node.cli import main
-from tests.peers import DCMTK_ENV, STORESCU, free_port, wait_until
+from tests.peers import free_port, storescu, wait_until
 
 JSON_KEYS = {"series_instance_uid", "study_instance_uid", "series_description", "instances", "state", "reason",
              "updated_at"}
@@ -15,8 +14,7 @@ JSON_KEYS = {"series_instance_uid", "study_instance_uid", "series_description", 
 def test_jobs_show_and_echo(node_factory, small_series, capsys):
     series_dir, series = small_series
     node = node_factory(idle_seconds=1).start()
-    assert subprocess.run([STORESCU, "-aec", "MIGNODE", "127.0.0.1", str(node.port), "+sd", str(series_dir)],
-                          env=DCMTK_ENV, capture_output=True, timeout=120).returncode == 0
+    assert storescu(series_dir, node.port).returncode == 0
     config = str(node.config)
 
     def listed(state):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import highdicom as hd
 import pytest
 
 from model.synth import write_series
-from tests.peers import DCMTK_ENV, NODE_AE, STORESCU, OrthancProcess, free_port, wait_until
+from tests.peers import NODE_AE, OrthancProcess, dciodvfy_errors, free_port, storescu, wait_until
 
 
 @pytest.fixture
@@ -38,8 +37,7 @@ def study(tmp_path_factory):
 
 def send_study(root, port: int, called: str = NODE_AE) -> None:
     for name in ("t1", "t2"):
-        result = subprocess.run([STORESCU, "-aet", "SCANNER", "-aec", called, "127.0.0.1", str(port), "+sd",
-                                 str(root / name)], env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
+        result = storescu(root / name, port, called=called)
         assert result.returncode == 0, result.stderr
 
 
@@ -64,9 +62,8 @@ def sr_in(pacs: OrthancProcess, study_uid: str) -> list[str]:
 def check_sr(pacs: OrthancProcess, instance_id: str, tmp_path, study_uid: str, row: dict) -> hd.sr.ComprehensiveSR:
     path = tmp_path / "from-pacs.dcm"
     path.write_bytes(pacs.download(instance_id))
-    verify = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
-    errors = [line for line in (verify.stdout + verify.stderr).splitlines() if line.startswith("Error")]
-    assert errors == [], verify.stderr
+    errors, output = dciodvfy_errors(path)
+    assert errors == [], output
     sr = hd.sr.srread(path)
     assert sr.StudyInstanceUID == study_uid
     assert sr.SOPInstanceUID == row["sr_sop_instance_uid"]

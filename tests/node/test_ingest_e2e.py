@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.peers import DCMTK_ENV, ECHOSCU, STORESCU, wait_until
+from tests.peers import DCMTK_ENV, ECHOSCU, STORESCU, storescu, wait_until
 
 
 def db_instances(node, series_uid: str | None = None) -> set[str]:
@@ -30,10 +30,7 @@ def test_storescu_series_is_spooled_recorded_and_completed(node_factory, t1_seri
     series_dir, series = t1_series
     node = node_factory(idle_seconds=2).start()
 
-    result = subprocess.run(
-        [STORESCU, "-aet", "SCANNER", "-aec", "MIGNODE", "127.0.0.1", str(node.port), "+sd", str(series_dir)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=300,
-    )
+    result = storescu(series_dir, node.port)
     assert result.returncode == 0, result.stderr
 
     files = node.spool_files()
@@ -54,10 +51,7 @@ def test_storescu_series_is_spooled_recorded_and_completed(node_factory, t1_seri
     assert "170/170" in row["reason"]
 
     # Re-sending the whole series stores nothing twice and does not reopen it.
-    again = subprocess.run(
-        [STORESCU, "-aet", "SCANNER", "-aec", "MIGNODE", "127.0.0.1", str(node.port), "+sd", str(series_dir)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=300,
-    )
+    again = storescu(series_dir, node.port)
     assert again.returncode == 0, again.stderr
     assert len(node.spool_files()) == 170
     assert len(db_instances(node)) == 170
@@ -80,10 +74,7 @@ def test_series_without_expected_count_completes_after_idle(node_factory, small_
         del ds.ImagesInAcquisition
         ds.save_as(stripped / path.name)
     node = node_factory(idle_seconds=3).start()
-    assert subprocess.run(
-        [STORESCU, "-aec", "MIGNODE", "127.0.0.1", str(node.port), "+sd", str(stripped)],
-        env=DCMTK_ENV, capture_output=True, timeout=120,
-    ).returncode == 0
+    assert storescu(stripped, node.port).returncode == 0
     # 48 slices: complete, then skipped by selection (the 3D T1 needs at least 100).
     row = wait_until(lambda: (r := series_row(node, series.series_instance_uid)) and r["state"] == "skipped" and r,
                      timeout=30, what="idle completion")
@@ -96,10 +87,7 @@ def test_series_without_expected_count_completes_after_idle(node_factory, small_
 def test_calling_ae_not_in_allow_list_is_rejected(node_factory, small_series):
     series_dir, _ = small_series
     node = node_factory(allowed=["SCANNER"]).start()
-    refused = subprocess.run(
-        [STORESCU, "-aet", "INTRUDER", "-aec", "MIGNODE", "127.0.0.1", str(node.port), "+sd", str(series_dir)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
-    )
+    refused = storescu(series_dir, node.port, calling="INTRUDER")
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stderr
     assert node.spool_files() == []
@@ -148,10 +136,7 @@ def test_sigkill_during_transfer_loses_no_acknowledged_instance(node_factory, t1
     assert leftovers == []
 
     # The scanner resends; the series completes with all 170.
-    assert subprocess.run(
-        [STORESCU, "-aet", "SCANNER", "-aec", "MIGNODE", "127.0.0.1", str(node.port), "+sd", str(series_dir)],
-        env=DCMTK_ENV, capture_output=True, timeout=300,
-    ).returncode == 0
+    assert storescu(series_dir, node.port).returncode == 0
     row = wait_until(lambda: (r := series_row(node, series.series_instance_uid)) and r["state"] == "queued" and r,
                      timeout=30, what="series complete after resend")
     assert row["instances"] == 170
