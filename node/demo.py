@@ -26,7 +26,8 @@ ORTHANC = "/usr/sbin/Orthanc"
 PACS_AE = "DEMO_PACS"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (the demo's peers; the tests' and benchmarks' too)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -34,7 +35,7 @@ def _free_port() -> int:
 
 class _OrthancPacs:
     def __init__(self, root: Path) -> None:
-        self.port, self.http_port = _free_port(), _free_port()
+        self.port, self.http_port = free_port(), free_port()
         root.mkdir(parents=True, exist_ok=True)
         config = {"Name": "migraine-node demo PACS", "StorageDirectory": str(root / "storage"),
                   "IndexDirectory": str(root / "index"), "DicomAet": PACS_AE, "DicomPort": self.port,
@@ -75,7 +76,7 @@ class _PynetdicomPacs:
 
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
 
         def on_store(event):  # noqa: ANN001, ANN202
             ds = event.dataset
@@ -130,7 +131,7 @@ def run_demo(settings: Settings, config_path: str | None, timeout: float = 1800)
         print(f"2/5 stand-in PACS: {type(pacs).__name__.strip('_')} as {PACS_AE} on 127.0.0.1:{pacs.port}", flush=True)
 
         overrides = {
-            "node": {"host": "127.0.0.1", "port": _free_port()},
+            "node": {"host": "127.0.0.1", "port": free_port()},
             "model": {"checkpoint": str(model_dir)},
             "destinations": [{"name": "demo-pacs", "ae_title": PACS_AE, "host": "127.0.0.1", "port": pacs.port}],
         }

@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, and_, insert, select, update
+from sqlalchemy import Engine, and_, func, insert, select, update
 
 from storage.models import Delivery, DeliveryState, Instance, Job, Series, SeriesState
 
@@ -248,8 +248,6 @@ class JobQueue:
 
     def status(self) -> dict:
         with self.engine.connect() as conn:
-            from sqlalchemy import func
-
             series = dict(conn.execute(select(Series.state, func.count()).group_by(Series.state)).all())
             deliveries = dict(conn.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
             last = conn.execute(

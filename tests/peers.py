@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.demo import free_port  # noqa: F401  (re-exported for tests and benchmarks)
+
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -23,12 +25,6 @@ def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
     result = subprocess.run(["/usr/bin/dciodvfy", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, timeout=120)
     return [line for line in result.stdout.splitlines() if line.startswith("Error")], result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):  # noqa: ANN001
