@@ -4,10 +4,10 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := dcmtk dicom3tools orthanc
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install install-test apt bench clean
+.PHONY: demo test install install-test apt ohif bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,7 +16,7 @@ $(PY):
 install: $(PY)
 	$(PY) -m pip install -e .
 
-install-test: $(PY) apt
+install-test: $(PY) apt ohif
 	$(PY) -m pip install -e '.[test]'
 
 apt:
@@ -24,6 +24,24 @@ apt:
 	if [ -n "$$missing" ]; then \
 	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $$missing; \
 	fi
+
+# The prebuilt OHIF Viewer that node/viewer.py serves (browser tests, `demo --viewer`), pinned by
+# OHIF_VERSION in node/viewer.py. `npm pack` fetches only the @ohif/app tarball, whose dist/ is the
+# complete static build; `npm install` would also resolve its build-time dependencies, which the
+# static build never loads (and which a partial registry mirror may lack). Same resulting path.
+OHIF_VERSION := $(shell sed -n 's/^OHIF_VERSION = "\(.*\)"/\1/p' node/viewer.py)
+OHIF_DIR := .cache/ohif
+OHIF_APP := $(OHIF_DIR)/node_modules/@ohif/app
+
+ohif:
+	@if [ -f $(OHIF_APP)/dist/index.html ] && grep -q '"version": "$(OHIF_VERSION)"' $(OHIF_APP)/package.json; then exit 0; fi; \
+	set -e; \
+	command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends nodejs npm; }; \
+	rm -rf $(OHIF_DIR); mkdir -p $(OHIF_APP); \
+	npm pack --silent --pack-destination $(OHIF_DIR) @ohif/app@$(OHIF_VERSION); \
+	tar -xzf $(OHIF_DIR)/ohif-app-$(OHIF_VERSION).tgz -C $(OHIF_APP) --strip-components=1 --no-same-owner; \
+	rm $(OHIF_DIR)/ohif-app-$(OHIF_VERSION).tgz; \
+	test -f $(OHIF_APP)/dist/index.html || { echo "@ohif/app@$(OHIF_VERSION) has no dist/index.html" >&2; exit 1; }
 
 demo: install
 	$(VENV)/bin/migraine-node demo --config deploy/config.demo.toml

@@ -1,6 +1,9 @@
-"""Export: C-STORE each pending SR to its destination, retried until delivered.
+"""Export: C-STORE each pending result to its destination, retried until delivered.
 
-One association per destination per batch, proposing Comprehensive SR.
+A result is the SR and, where a destination asks for it (`objects`), the
+result image. One association per destination per batch, proposing the SOP
+classes of the objects to send; a delivery is sent when every object it
+carries was stored. Each acknowledged object is recorded (`show` lists them).
 Temporary failures (connection refused, timeout, abort, 0xA7xx out of
 resources) are retried with exponential backoff and jitter; permanent ones
 (association rejected, 0xA9xx/0xCxxx refusals, SOP class not supported) fail
@@ -18,11 +21,10 @@ from dataclasses import dataclass
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import ComprehensiveSRStorage  # type: ignore[attr-defined]
 
 from node.config import Destination, ExportSection
 from node.logs import log_context
-from storage.jobs import DueDelivery, JobQueue
+from storage.jobs import DueDelivery, JobQueue, ResultFile
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,20 @@ class Exporter:
         return sum(len(v) for v in batches.values())
 
     def _send_batch(self, destination: Destination, items: list[DueDelivery]) -> None:
+        wanted = {item.delivery_id: [o for o in item.objects if o.kind in destination.objects] for item in items}
+        for item in items:
+            if not wanted[item.delivery_id]:
+                kinds = ", ".join(o.kind for o in item.objects) or "nothing"
+                self._record(item, Outcome(False, True, f"the result holds {kinds}; {destination.name} takes "
+                                                        f"{', '.join(destination.objects)}"))
+        items = [item for item in items if wanted[item.delivery_id]]
+        if not items:
+            return
         ae = AE(ae_title=self.calling_ae_title)
         timeout = self.section.timeout_seconds
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-        ae.add_requested_context(ComprehensiveSRStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for sop_class_uid in sorted({o.sop_class_uid for objs in wanted.values() for o in objs}):
+            ae.add_requested_context(sop_class_uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
         where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
         if assoc.is_rejected:
@@ -89,29 +101,43 @@ class Exporter:
             return
         try:
             for item in items:
-                try:
-                    status = assoc.send_c_store(item.sr_path)
-                    code = int(status.Status) if status else None
-                except (OSError, ValueError, RuntimeError) as exc:
-                    self._record(item, Outcome(False, True, f"cannot send the SR file: {exc}"))
-                    continue
-                self._record(item, classify_status(code))
+                outcome, sent = self._send_objects(assoc, wanted[item.delivery_id])
+                self._record(item, outcome, sent)
                 if not assoc.is_established:
                     break
         finally:
             if assoc.is_established:
                 assoc.release()
 
-    def _record(self, item: DueDelivery, outcome: Outcome) -> None:
+    @staticmethod
+    def _send_objects(assoc, objects: list[ResultFile]) -> tuple[Outcome, tuple[tuple[ResultFile, int], ...]]:  # noqa: ANN001
+        """Send each object in turn; the first that is not stored decides the outcome."""
+        sent: list[tuple[ResultFile, int]] = []
+        for obj in objects:
+            try:
+                status = assoc.send_c_store(obj.path)
+                code = int(status.Status) if status else None
+            except (OSError, ValueError, RuntimeError) as exc:
+                return Outcome(False, True, f"cannot send the {obj.kind} file: {exc}"), tuple(sent)
+            outcome = classify_status(code)
+            if not outcome.sent:
+                return Outcome(False, outcome.permanent, f"{obj.kind}: {outcome.message}"), tuple(sent)
+            sent.append((obj, code))
+        return Outcome(True, False, "stored"), tuple(sent)
+
+    def _record(self, item: DueDelivery, outcome: Outcome, sent: tuple = ()) -> None:  # noqa: ANN001
         with log_context(job=item.job_id, series=item.series_instance_uid):
+            if sent:
+                self.queue.record_sent(item.delivery_id, sent)
             if outcome.sent:
                 self.queue.delivery_sent(item.delivery_id)
-                log.info("SR %s delivered to %s", item.sr_sop_instance_uid, item.destination)
+                log.info("result %s delivered to %s (%s)", item.sr_sop_instance_uid, item.destination,
+                         ", ".join(f"{o.kind} {o.sop_instance_uid}" for o, _ in sent))
             elif outcome.permanent or item.attempts + 1 >= self.section.max_attempts:
                 self.queue.delivery_failed(item.delivery_id, outcome.message)
-                log.error("SR delivery to %s failed: %s", item.destination, outcome.message)
+                log.error("result delivery to %s failed: %s", item.destination, outcome.message)
             else:
                 delay = backoff_seconds(item.attempts + 1, self.section)
                 self.queue.delivery_retry(item.delivery_id, outcome.message, time.time() + delay)
-                log.warning("SR delivery to %s will be retried in %.0f s: %s", item.destination, delay,
+                log.warning("result delivery to %s will be retried in %.0f s: %s", item.destination, delay,
                             outcome.message)

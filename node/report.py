@@ -1,26 +1,38 @@
-"""The prediction as a DICOM Comprehensive SR that PACS files beside the study and OHIF displays.
+"""The prediction as a DICOM Comprehensive SR that PACS files beside the study and a radiologist reads.
 
-Content follows TID 1500 "Measurement Report" (the form IHE AI Results expects and
-OHIF's SR parser reads): TID 1204 language, TID 1001 observation context with a
-device observer (TID 1004), the TID 1600 Image Library of the source images, and
-one TID 1501 measurement group holding the coded prediction, its probability and
-threshold (TID 300), the algorithm (TID 4019) and the intended-use statements.
+Content follows TID 1500 "Measurement Report" (the form IHE AI Results expects):
+TID 1204 language, TID 1001 observation context with a device observer (TID
+1004), the TID 1600 Image Library, and one TID 1501 measurement group holding
+the coded prediction, its probability and threshold (TID 300), the algorithm
+(TID 4019) and the statements a reader must see.
 
-Everything here is pure: datasets and values in, a dataset out. UIDs are derived
-from the source series and the checkpoint so a resend replaces rather than
-duplicates. Messages never carry patient identifiers.
+Laid out so that OHIF v3 draws it (tests/node/test_viewer.py proves it in a
+browser; docs/conformance.md explains the choice): OHIF sends a TID 1500 report
+to its measurement viewport, which draws a group only when a NUM of it is
+INFERRED FROM a SCOORD on an image, and labels it with the group's Comment
+TEXT items and its NUM items (value and the unit's code value; at most five
+lines). So the probability NUM is INFERRED FROM a point at the centre of the
+head on the centre image (the region the network looked at), the probability
+is in percent, and the prediction, research-use and synthetic statements are
+Comments. Every container is SEPARATE so text renderers (dsr2html, OHIF's
+text view) show each item with its concept name.
+
+Everything here is pure: datasets and values in, a dataset out. UIDs come
+from node/identity.py. Messages never carry patient identifiers.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Sequence
+
+import numpy as np
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
     ComprehensiveSR,
+    CoordinatesForMeasurement,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     Measurement,
@@ -30,6 +42,7 @@ from highdicom.sr import (
     ObserverContext,
     QualitativeEvaluation,
     RelationshipTypeValues,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
 )
@@ -40,6 +53,7 @@ from pydicom.sr.coding import Code
 from model.checkpoint import ModelInfo
 from model.predict import Prediction
 from node import __version__
+from node.identity import ResultIdentity, derive_uid
 
 SR_SERIES_DESCRIPTION = "AI: NSAID response prediction"
 SR_SERIES_NUMBER = 9901
@@ -49,9 +63,8 @@ CODING_SCHEME_NAME = "migraine-node private codes"
 CODING_SCHEME_RESPONSIBLE_ORGANIZATION = "migraine-node project (research software)"
 
 RESEARCH_USE_TEXT = "Research use only, not for diagnostic use."
-SYNTHETIC_TEXT = (
-    "Result of a SYNTHETIC DEMO MODEL trained on synthetic phantoms; it carries no clinical meaning."
-)
+SYNTHETIC_TEXT = "SYNTHETIC DEMO MODEL: no clinical meaning."
+LABEL_TEXTS = {"responder": "NSAID responder", "non-responder": "NSAID non-responder"}
 
 PREDICTED_RESPONSE = Code("P001", CODING_SCHEME, "Predicted NSAID response")
 DECISION_THRESHOLD = Code("P002", CODING_SCHEME, "Decision threshold")
@@ -61,7 +74,7 @@ LABEL_CODES = {"responder": RESPONDER, "non-responder": NON_RESPONDER}
 PROCEDURE_MR_BRAIN = codes.LN.BrainMRI  # LOINC 24590-2, CID 100 is extensible
 TRACKING_IDENTIFIER = "NSAID response prediction"
 COMMENT = codes.DCM.Comment  # DCM 121106, TEXT rows of TID 1501
-NO_UNITS = codes.UCUM.NoUnits  # UCUM "1"
+PERCENT = codes.UCUM.Percent  # OHIF shows the unit's code value: "%" reads, "1" does not
 
 # Type 2 patient/study attributes that highdicom reads from the first instance as attributes.
 _PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
@@ -71,20 +84,6 @@ _LIBRARY_GEOMETRY = ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
                      "ImageOrientationPatient", "ImagePositionPatient")
 _LIBRARY_REQUIRED = ("Modality", "Rows", "Columns", "PixelSpacing", "SliceThickness",
                      "ImageOrientationPatient", "ImagePositionPatient")
-
-
-def derive_uid(*parts: str) -> str:
-    """UUID-derived UID (PS3.5 B.2) from a hash, so the same inputs always give the same UID."""
-    digest = hashlib.sha256("|".join(parts).encode("utf-8")).digest()
-    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
-
-
-def sr_uids(series_instance_uid: str, model_sha256: str) -> tuple[str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID) of the SR: a resend overwrites, never duplicates."""
-    return (
-        derive_uid("sr-series", series_instance_uid, model_sha256),
-        derive_uid("sr-instance", series_instance_uid, model_sha256),
-    )
 
 
 def _check_evidence(evidence: Sequence[Dataset]) -> None:
@@ -146,9 +145,13 @@ def _patient_study_source(ds: Dataset) -> Dataset:
     return source
 
 
-def _intended_use(prediction: Prediction, model: ModelInfo) -> list[TextContentItem]:
-    """Free-text TID 1501 items a reader sees next to the result (QualitativeEvaluation is CODE only)."""
-    texts = [RESEARCH_USE_TEXT]
+def prediction_text(prediction: Prediction) -> str:
+    return f"AI prediction: {LABEL_TEXTS[prediction.label]}"
+
+
+def _comments(prediction: Prediction, model: ModelInfo) -> list[TextContentItem]:
+    """What a reader must see with the number, as TID 1501 Comments (OHIF shows them; CODE items it does not)."""
+    texts = [prediction_text(prediction), RESEARCH_USE_TEXT]
     if prediction.synthetic or model.synthetic:
         texts.append(SYNTHETIC_TEXT)
     return [
@@ -157,15 +160,48 @@ def _intended_use(prediction: Prediction, model: ModelInfo) -> list[TextContentI
     ]
 
 
+def head_centre(pixels: np.ndarray | None, rows: int, columns: int) -> np.ndarray:
+    """(column, row) of the head's centre on the centre image: where the analysed region is marked.
+
+    The centroid of the pixels brighter than a tenth of the 99th percentile;
+    the image centre without pixels or foreground. A point, not an outline:
+    OHIF anchors the result's text at the right edge of the marked region, so
+    an outline of the head would push the text off the viewport, while from the
+    head's centre it reads over the image (tests/node/test_viewer.py).
+    """
+    row, column = (rows - 1) / 2, (columns - 1) / 2
+    if pixels is not None and pixels.ndim == 2 and pixels.size:
+        values = np.asarray(pixels, dtype=np.float32)
+        level = float(np.percentile(values, 99)) * 0.1
+        found = np.argwhere(values > level) if level > 0 else np.empty((0, 2))
+        if len(found):
+            row, column = found.mean(axis=0)
+    return np.array([[column + 0.5, row + 0.5]], dtype=np.float32)  # pixel centre (PS3.3 C.18.6.1.2)
+
+
 def _measurement_group(
-    series_instance_uid: str, prediction: Prediction, model: ModelInfo
+    series_instance_uid: str,
+    prediction: Prediction,
+    model: ModelInfo,
+    centre: Dataset,
+    frame: int | None,
+    centre_point: np.ndarray,
 ) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group: coded label, probability and threshold (TID 300), algorithm (TID 4019)."""
+    """TID 1501 group: probability on the analysed region, threshold, coded label, algorithm, comments."""
     if prediction.label not in LABEL_CODES:
         raise ValueError(f"unknown prediction label {prediction.label!r}; expected one of {', '.join(LABEL_CODES)}")
     for name, value in (("probability", prediction.probability), ("cutoff", prediction.cutoff)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be within 0..1, got {value}")
+    region = CoordinatesForMeasurement(
+        graphic_type="POINT",
+        graphic_data=centre_point,
+        source_image=SourceImageForRegion(
+            referenced_sop_class_uid=centre.SOPClassUID,
+            referenced_sop_instance_uid=centre.SOPInstanceUID,
+            referenced_frame_numbers=None if frame is None else [frame],
+        ),
+    )
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=derive_uid("tracking", series_instance_uid, model.sha256),
@@ -178,15 +214,36 @@ def _measurement_group(
             parameters=[f"sha256={model.sha256}", f"architecture={model.architecture}"],
         ),
         measurements=[
-            Measurement(name=codes.DCM.Probability, value=round(float(prediction.probability), 4), unit=NO_UNITS),
-            Measurement(name=DECISION_THRESHOLD, value=round(float(prediction.cutoff), 4), unit=NO_UNITS),
+            Measurement(name=codes.DCM.Probability, value=round(100 * float(prediction.probability), 2), unit=PERCENT,
+                        referenced_coordinates=[region]),
+            Measurement(name=DECISION_THRESHOLD, value=round(100 * float(prediction.cutoff), 2), unit=PERCENT),
         ],
         qualitative_evaluations=[
             QualitativeEvaluation(name=PREDICTED_RESPONSE, value=LABEL_CODES[prediction.label]),
         ],
     )
-    group[0].ContentSequence.extend(_intended_use(prediction, model))
+    group[0].ContentSequence.extend(_comments(prediction, model))
     return group
+
+
+def _separate(item: Dataset) -> None:
+    """Every CONTAINER SEPARATE: each item stands alone with its concept name (dsr2html, OHIF's text view)."""
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", ()):
+        _separate(child)
+
+
+def centre_image(evidence: Sequence[Dataset]) -> tuple[Dataset, int | None]:
+    """The centre image of the series: (instance, None) for classic slices, (object, frame) for multi-frame.
+
+    The SR's Image Library and region, and the result image, all show this image.
+    """
+    centre = _representative(evidence)
+    frames = int(centre.get("NumberOfFrames", 1) or 1)
+    if len(evidence) == 1 and "PerFrameFunctionalGroupsSequence" in centre:
+        return centre, frames // 2 + 1
+    return centre, None
 
 
 def _representative(evidence: Sequence[Dataset]) -> Dataset:
@@ -218,17 +275,24 @@ def build_sr(
     prediction: Prediction,
     model: ModelInfo,
     *,
+    identity: ResultIdentity,
+    predecessor=None,  # noqa: ANN001  storage.jobs.Predecessor: the result PACS holds now
+    centre_pixels: np.ndarray | None = None,
     institution_name: str | None = None,
 ) -> ComprehensiveSR:
     """TID 1500 report of one prediction on one series; patient and study copied from the evidence.
 
-    `evidence` are the source instances' headers (read with stop_before_pixels).
+    `evidence` are the source instances' headers (read with stop_before_pixels);
+    `centre_pixels` the centre image (`centre_image`), to mark the head on it.
     The result is complete but PRELIMINARY and UNVERIFIED: no person has signed it.
     """
     evidence = list(evidence)
     _check_evidence(evidence)
+    centre, frame = centre_image(evidence)
+    library_entry = _library_view(centre)
+    point = head_centre(centre_pixels, int(library_entry.Rows), int(library_entry.Columns))
     series_uid = evidence[0].SeriesInstanceUID
-    sr_series_uid, sr_instance_uid = sr_uids(series_uid, model.sha256)
+    sr_series_uid, sr_instance_uid = identity.sr_series_instance_uid, identity.sr_sop_instance_uid
     observer = ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -241,11 +305,20 @@ def build_sr(
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_MR_BRAIN,
-        imaging_measurements=[_measurement_group(series_uid, prediction, model)],
-        referenced_images=[_library_view(_representative(evidence))],
+        imaging_measurements=[_measurement_group(series_uid, prediction, model, centre, frame, point)],
+        referenced_images=[library_entry],
     )
+    _separate(report[0])
+    previous = None
+    if predecessor is not None and predecessor.sop_instance_uid != sr_instance_uid:
+        previous = [Dataset()]
+        previous[0].StudyInstanceUID = evidence[0].StudyInstanceUID
+        previous[0].SeriesInstanceUID = predecessor.series_instance_uid
+        previous[0].SOPInstanceUID = predecessor.sop_instance_uid
+        previous[0].SOPClassUID = predecessor.sop_class_uid
     sr = ComprehensiveSR(
         evidence=[_patient_study_source(evidence[0]), *evidence[1:]],
+        previous_versions=previous,
         content=report,
         series_instance_uid=sr_series_uid,
         series_number=SR_SERIES_NUMBER,

@@ -24,7 +24,7 @@ from node.config import Settings, load_settings
 from node.dimse_tuning import disable_pydicom_validation
 from node.logs import log_context, setup_logging
 from storage.db import make_engine
-from storage.jobs import ClaimedJob, JobQueue
+from storage.jobs import ClaimedJob, JobQueue, ResultFile
 from storage.spool import Spool, SpoolKey
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Worker:
         self.queue = queue
         self.spool_root = settings.storage.spool_dir
         self.reports = Spool(settings.storage.data_dir / "sr")
+        self.images = Spool(settings.storage.data_dir / "images")
         self.outbox = Spool(settings.storage.data_dir / "outbox")
         self._predictor = None
 
@@ -95,7 +96,9 @@ class Worker:
 
     def process(self, job: ClaimedJob) -> None:
         from model.volume import assemble_volume
-        from node.report import build_sr, sr_uids
+        from node.identity import result_identity, source_digest
+        from node.report import build_sr, centre_image
+        from node.result_image import build_result_image
 
         timings: dict[str, float] = {}
 
@@ -115,18 +118,43 @@ class Worker:
         with stage("inference"):
             prediction = predictor.predict_tensor(tensor)
         with stage("report"):
+            identity = result_identity(
+                job.series_instance_uid,
+                source_digest((str(ds.SOPInstanceUID), ds.get("PixelData") or b"") for ds in datasets),
+                predictor.info.sha256,
+                prediction.cutoff,
+            )
             headers = [_without_pixels(ds) for ds in datasets]
-            sr = build_sr(headers, prediction, predictor.info)
-            buffer = io.BytesIO()
-            sr.save_as(buffer, enforce_file_format=True)
+            predecessor = self.queue.last_acknowledged(job.series_instance_uid, "sr", identity.sr_sop_instance_uid)
+            centre, frame = centre_image(datasets)
+            pixels = centre.pixel_array if frame is None else centre.pixel_array[frame - 1]
+            sr = build_sr(headers, prediction, predictor.info, identity=identity, predecessor=predecessor,
+                          centre_pixels=pixels)
+            image = build_result_image(
+                pixels, _without_pixels(centre), prediction, predictor.info,
+                series_instance_uid=identity.image_series_instance_uid,
+                sop_instance_uid=identity.image_sop_instance_uid, referenced_frame_number=frame,
+            )
+            encoded = {}
+            for kind, ds in (("sr", sr), ("image", image)):
+                buffer = io.BytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+                encoded[kind] = (ds, buffer.getvalue())
         with stage("write"):
-            sr_series, sr_sop = sr_uids(job.series_instance_uid, predictor.info.sha256)
-            key = SpoolKey(job.study_instance_uid, sr_series, sr_sop)
-            path = self.reports.write(key, (buffer.getvalue(),))
             destinations = [d.name for d in self.settings.destinations]
-            if not destinations:
-                self.outbox.write(key, (buffer.getvalue(),))
-        self.queue.finish(
+            objects = []
+            for kind, spool in (("sr", self.reports), ("image", self.images)):
+                ds, data = encoded[kind]
+                key = SpoolKey(job.study_instance_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+                path = spool.write(key, (data,))
+                if not destinations:
+                    self.outbox.write(key, (data,))
+                objects.append(ResultFile(
+                    kind, str(ds.SOPClassUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(path),
+                    identity.content_key,
+                    predecessor.sop_instance_uid if predecessor and kind == "sr" else None))
+        sr_path = objects[0].path
+        current = self.queue.finish(
             job.job_id,
             {
                 "probability": prediction.probability,
@@ -135,11 +163,15 @@ class Worker:
                 "device": prediction.device,
                 "synthetic": prediction.synthetic,
                 "timings": timings,
-                "sr_sop_instance_uid": sr_sop,
-                "sr_path": str(path),
+                "sr_sop_instance_uid": identity.sr_sop_instance_uid,
+                "sr_path": sr_path,
+                "objects": objects,
             },
             destinations,
         )
+        if not current:
+            log.info("result not exported: a newer version of the series superseded this job")
+            return
         log.info("%s p=%.3f with %s on %s; timings ms %s", prediction.label, prediction.probability,
                  prediction.model_id, prediction.device, timings)
 

@@ -5,7 +5,8 @@
 
 The series row mirrors the state of its current version's job, so `jobs`
 shows one line per series. `replay` adds a new version; `resend` makes the
-latest SR's deliveries pending again.
+latest result's deliveries pending again. A newer version supersedes an
+older one's unfinished job: it is never classified or exported after that.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import json
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, and_, func, insert, select, update
+from sqlalchemy import Engine, and_, func, insert, select, text, update
 
-from storage.models import Delivery, DeliveryState, Instance, Job, Series, SeriesState
+from storage.models import Delivery, DeliveryState, Instance, Job, ResultObject, Series, SeriesState, Transmission
+from storage.store import SUPERSEDE_OLDER
 
 
 class JobStoreError(Exception):
@@ -34,14 +36,39 @@ class ClaimedJob:
 
 
 @dataclass(frozen=True)
+class ResultFile:
+    """One object a job produced, as export and `show` need it."""
+
+    kind: str  # "sr" | "image"
+    sop_class_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    path: str
+    content_key: str = ""
+    predecessor_sop_instance_uid: str | None = None
+
+
+@dataclass(frozen=True)
 class DueDelivery:
     delivery_id: int
     job_id: int
     destination: str
     attempts: int
-    sr_path: str
-    sr_sop_instance_uid: str
+    objects: tuple[ResultFile, ...]
     series_instance_uid: str
+
+    @property
+    def sr_sop_instance_uid(self) -> str | None:
+        return next((o.sop_instance_uid for o in self.objects if o.kind == "sr"), None)
+
+
+@dataclass(frozen=True)
+class Predecessor:
+    """The last result of a kind that a destination acknowledged for a series."""
+
+    sop_class_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
 
 
 def _now(now: float | None) -> float:
@@ -82,7 +109,9 @@ class JobQueue:
     def selected(self, job_id: int, accepted: bool, reason: str, now: float | None = None) -> None:
         """Queue or skip; the completion reason is kept after the selection reason."""
         with self.engine.begin() as conn:
-            completion = conn.execute(select(Job.reason).where(Job.id == job_id)).scalar_one()
+            completion, current = conn.execute(select(Job.reason, Job.state).where(Job.id == job_id)).one()
+            if current != SeriesState.COMPLETE:
+                return  # superseded meanwhile
             state = SeriesState.QUEUED if accepted else SeriesState.SKIPPED
             full = f"{reason}; complete: {completion}" if completion else reason
             self._set_state(conn, job_id, state, _now(now), reason=full)
@@ -122,10 +151,23 @@ class JobQueue:
             return ClaimedJob(claimed.id, claimed.series_instance_uid, study, claimed.version, claimed.attempts,
                               tuple(sorted(paths)))
 
-    def finish(self, job_id: int, result: dict, destinations: list[str], now: float | None = None) -> None:
-        """Record the prediction and SR; create one pending delivery per destination."""
+    def finish(self, job_id: int, result: dict, destinations: list[str], now: float | None = None) -> bool:
+        """Record the prediction and its objects; one pending delivery per destination.
+
+        Returns False when a newer version of the series superseded the job while
+        it was classified: the result is kept for the record, never exported.
+        """
         now = _now(now)
         with self.engine.begin() as conn:
+            for obj in result.get("objects", ()):
+                conn.execute(insert(ResultObject).values(
+                    job_id=job_id, kind=obj.kind, sop_class_uid=obj.sop_class_uid,
+                    series_instance_uid=obj.series_instance_uid, sop_instance_uid=obj.sop_instance_uid,
+                    path=obj.path, content_key=obj.content_key,
+                    predecessor_sop_instance_uid=obj.predecessor_sop_instance_uid, created_at=now))
+            job = conn.execute(select(Job.state, Job.version, Job.series_instance_uid).where(Job.id == job_id)).one()
+            current = conn.execute(select(Series.version).where(
+                Series.series_instance_uid == job.series_instance_uid)).scalar_one()
             values = {
                 "probability": result["probability"],
                 "label": result["label"],
@@ -137,6 +179,11 @@ class JobQueue:
                 "sr_path": result["sr_path"],
                 "not_before": None,
             }
+            if job.state != SeriesState.CLASSIFYING or job.version != current:
+                conn.execute(update(Job).where(Job.id == job_id).values(
+                    state=SeriesState.SUPERSEDED, updated_at=now,
+                    reason=f"superseded by version {current} while classifying; not exported", **values))
+                return False
             if destinations:
                 reason = f"{result['label']} (p={result['probability']:.3f}); SR pending for {', '.join(destinations)}"
                 self._set_state(conn, job_id, SeriesState.CLASSIFIED, now, reason=reason, **values)
@@ -146,12 +193,15 @@ class JobQueue:
             else:
                 reason = f"{result['label']} (p={result['probability']:.3f}); SR written to the outbox"
                 self._set_state(conn, job_id, SeriesState.DELIVERED, now, reason=reason, **values)
+            return True
 
     def fail(self, job_id: int, reason: str, max_attempts: int, retry_seconds: float, now: float | None = None) -> str:
         """Back to the queue for a later attempt, or `failed` when the budget is spent."""
         now = _now(now)
         with self.engine.begin() as conn:
-            attempts = conn.execute(select(Job.attempts).where(Job.id == job_id)).scalar_one()
+            attempts, state = conn.execute(select(Job.attempts, Job.state).where(Job.id == job_id)).one()
+            if state != SeriesState.CLASSIFYING:
+                return state  # superseded meanwhile: nothing to retry
             if attempts < max_attempts:
                 self._set_state(conn, job_id, SeriesState.QUEUED, now, reason=f"attempt {attempts} failed: {reason}",
                                 not_before=now + retry_seconds * attempts)
@@ -160,13 +210,22 @@ class JobQueue:
             return SeriesState.FAILED
 
     def requeue_interrupted(self, now: float | None = None) -> int:
-        """Jobs left `classifying` by a crash go back to `queued` (run at start-up)."""
+        """Jobs left `classifying` by a crash go back to `queued`, or are superseded (run at start-up)."""
         now = _now(now)
         with self.engine.begin() as conn:
-            ids = list(conn.execute(select(Job.id).where(Job.state == SeriesState.CLASSIFYING)).scalars())
-            for job_id in ids:
-                self._set_state(conn, job_id, SeriesState.QUEUED, now, reason="requeued after an interrupted run")
-            return len(ids)
+            rows = conn.execute(
+                select(Job.id, Job.version, Series.version.label("current"))
+                .join(Series, Series.series_instance_uid == Job.series_instance_uid)
+                .where(Job.state == SeriesState.CLASSIFYING)
+            ).all()
+            for row in rows:
+                if row.version < row.current:
+                    conn.execute(update(Job).where(Job.id == row.id).values(
+                        state=SeriesState.SUPERSEDED, updated_at=now,
+                        reason=f"superseded by version {row.current}; interrupted run not resumed"))
+                else:
+                    self._set_state(conn, row.id, SeriesState.QUEUED, now, reason="requeued after an interrupted run")
+            return len(rows)
 
     # ---- replay / resend ----------------------------------------------------
     def replay(self, uid: str, now: float | None = None) -> list[str]:
@@ -187,6 +246,10 @@ class JobQueue:
                 conn.execute(insert(Job).values(series_instance_uid=series_uid, version=version + 1,
                                                 state=SeriesState.COMPLETE, reason="replay requested",
                                                 instances=instances, attempts=0, created_at=now, updated_at=now))
+                superseded = {"series": series_uid, "version": version + 1, "now": now,
+                              "reason": f"superseded by version {version + 1} (replay)"}
+                for sql in SUPERSEDE_OLDER:
+                    conn.execute(text(sql), superseded)
             return [r[0] for r in rows]
 
     def resend(self, series_instance_uid: str, destinations: list[str], now: float | None = None) -> int:
@@ -195,7 +258,8 @@ class JobQueue:
         with self.engine.begin() as conn:
             job = conn.execute(
                 select(Job.id, Job.sr_path).where(Job.series_instance_uid == series_instance_uid,
-                                                  Job.sr_path.is_not(None)).order_by(Job.version.desc()).limit(1)
+                                                  Job.sr_path.is_not(None), Job.state != SeriesState.SUPERSEDED)
+                .order_by(Job.version.desc()).limit(1)
             ).first()
             if job is None:
                 raise JobStoreError(f"series {series_instance_uid} has no SR to resend")
@@ -224,7 +288,63 @@ class JobQueue:
                 .order_by(Delivery.next_attempt_at)
                 .limit(limit)
             ).all()
-        return [DueDelivery(*r) for r in rows]
+            objects = self._objects(conn, [r.job_id for r in rows])
+        return [
+            DueDelivery(r.id, r.job_id, r.destination, r.attempts,
+                        objects.get(r.job_id) or self._legacy_sr(r), r.series_instance_uid)
+            for r in rows
+        ]
+
+    @staticmethod
+    def _legacy_sr(row) -> tuple[ResultFile, ...]:  # noqa: ANN001
+        """A job recorded before result_object existed: its SR is all it has."""
+        if not row.sr_path:
+            return ()
+        return (ResultFile("sr", "1.2.840.10008.5.1.4.1.1.88.33", "", row.sr_sop_instance_uid, row.sr_path),)
+
+    @staticmethod
+    def _objects(conn, job_ids: list[int]) -> dict[int, tuple[ResultFile, ...]]:  # noqa: ANN001
+        out: dict[int, list[ResultFile]] = {}
+        if job_ids:
+            for o in conn.execute(select(ResultObject).where(ResultObject.job_id.in_(job_ids))
+                                  .order_by(ResultObject.id)):
+                out.setdefault(o.job_id, []).append(ResultFile(
+                    o.kind, o.sop_class_uid, o.series_instance_uid, o.sop_instance_uid, o.path, o.content_key,
+                    o.predecessor_sop_instance_uid))
+        return {k: tuple(v) for k, v in out.items()}
+
+    def result_objects(self, job_id: int) -> tuple[ResultFile, ...]:
+        with self.engine.connect() as conn:
+            return self._objects(conn, [job_id]).get(job_id, ())
+
+    def last_acknowledged(self, series_instance_uid: str, kind: str, unlike: str) -> Predecessor | None:
+        """The newest `kind` result of this series that any destination stored, other than `unlike`.
+
+        It is what PACS shows today, so it is what a new result replaces
+        (Predecessor Documents Sequence).
+        """
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(Transmission.sop_class_uid, Transmission.result_series_instance_uid,
+                       Transmission.sop_instance_uid)
+                .where(Transmission.series_instance_uid == series_instance_uid, Transmission.kind == kind,
+                       Transmission.sop_instance_uid != unlike)
+                .order_by(Transmission.sent_at.desc(), Transmission.id.desc()).limit(1)
+            ).first()
+        return None if row is None else Predecessor(*row)
+
+    def record_sent(self, delivery_id: int, sent: tuple[tuple[ResultFile, int], ...], now: float | None = None) -> None:
+        """History of objects a destination acknowledged: (object, status) pairs."""
+        now = _now(now)
+        with self.engine.begin() as conn:
+            row = conn.execute(select(Delivery.job_id, Delivery.destination, Job.series_instance_uid)
+                               .join(Job, Job.id == Delivery.job_id).where(Delivery.id == delivery_id)).one()
+            for obj, status in sent:
+                conn.execute(insert(Transmission).values(
+                    delivery_id=delivery_id, job_id=row.job_id, series_instance_uid=row.series_instance_uid,
+                    destination=row.destination, kind=obj.kind, sop_class_uid=obj.sop_class_uid,
+                    result_series_instance_uid=obj.series_instance_uid, sop_instance_uid=obj.sop_instance_uid,
+                    status=status, sent_at=now))
 
     def delivery_sent(self, delivery_id: int, now: float | None = None) -> None:
         self._delivery(delivery_id, DeliveryState.SENT, None, None, _now(now))
@@ -239,7 +359,10 @@ class JobQueue:
         with self.engine.begin() as conn:
             conn.execute(update(Delivery).where(Delivery.id == delivery_id).values(
                 state=state, attempts=Delivery.attempts + 1, last_error=error, next_attempt_at=next_at, updated_at=now))
-            job_id = conn.execute(select(Delivery.job_id).where(Delivery.id == delivery_id)).scalar_one()
+            job_id, job_state = conn.execute(select(Job.id, Job.state).join(Delivery, Delivery.job_id == Job.id)
+                                             .where(Delivery.id == delivery_id)).one()
+            if job_state == SeriesState.SUPERSEDED:
+                return  # sent while a newer version arrived: history only
             states = list(conn.execute(select(Delivery.state).where(Delivery.job_id == job_id)).scalars())
             if all(s == DeliveryState.SENT for s in states):
                 self._set_state(conn, job_id, SeriesState.DELIVERED, now, reason=f"SR delivered to {len(states)} destination(s)")

@@ -29,6 +29,8 @@ class SeriesState(StrEnum):
     """Not a series the model accepts; `reason` says why."""
     FAILED = "failed"
     """Gave up after the retry budget; `reason` says why."""
+    SUPERSEDED = "superseded"
+    """Job only: a newer version of the series replaced this one before it was done."""
 
 
 class DeliveryState(StrEnum):
@@ -38,6 +40,8 @@ class DeliveryState(StrEnum):
     """The destination acknowledged the SR."""
     FAILED = "failed"
     """Permanent refusal or retry budget spent."""
+    SUPERSEDED = "superseded"
+    """Not sent: a newer version of the series replaced this result first."""
 
 
 class Base(DeclarativeBase):
@@ -127,3 +131,40 @@ class Delivery(Base):
     next_attempt_at: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class ResultObject(Base):
+    """One object a job produced (the SR, the result image): what `resend` and export send."""
+
+    __tablename__ = "result_object"
+    __table_args__ = (UniqueConstraint("job_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("job.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "sr" | "image"
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(String(300))
+    # sha256 of what decided the content (node/identity.py): equal keys, equal UIDs.
+    content_key: Mapped[str] = mapped_column(String(64))
+    predecessor_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Transmission(Base):
+    """One object acknowledged by one destination: the history `show` prints."""
+
+    __tablename__ = "transmission"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(Integer, ForeignKey("delivery.id"), index=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("job.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)  # the source series
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    result_series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)  # the destination's C-STORE status (or HTTP status)
+    sent_at: Mapped[float] = mapped_column(Float)

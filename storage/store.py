@@ -13,13 +13,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as _replace
 from datetime import UTC, datetime
 from enum import StrEnum
 
 from sqlalchemy import Engine, and_, func, insert, select, text, update
 from sqlalchemy.exc import OperationalError
 
-from storage.models import Delivery, Instance, Job, Series, SeriesState
+from storage.models import Delivery, Instance, Job, ResultObject, Series, SeriesState, Transmission
 
 
 class StoreError(Exception):
@@ -91,12 +92,17 @@ class SeriesView:
     sr_sop_instance_uid: str | None = None
     timings: dict | None = None
     deliveries: list[dict] = field(default_factory=list)
+    sr_path: str | None = None
+    image_sop_instance_uid: str | None = None
+    image_path: str | None = None
     jobs: list[dict] = field(default_factory=list)
+    sent_objects: list[dict] = field(default_factory=list)
 
     def to_json(self, detail: bool = False) -> dict:
         data = asdict(self)
         if not detail:
             data.pop("jobs")
+            data.pop("sent_objects")
         return data
 
 
@@ -139,6 +145,16 @@ _REOPEN_SERIES = (
     "first_received_at = :now, expected_instances = COALESCE(:expected, expected_instances), "
     "state = 'receiving', version = version + 1, reason = :reason, completed_at = NULL "
     "WHERE series_instance_uid = :series"
+)
+# A new version of a series supersedes the unfinished work of its older versions: their
+# queued jobs are never classified and their pending results never exported. A job a
+# worker holds (`classifying`) is superseded when the worker finishes (JobQueue.finish).
+SUPERSEDE_OLDER = (
+    "UPDATE delivery SET state = 'superseded', last_error = :reason, updated_at = :now "
+    "WHERE state = 'pending' AND job_id IN "
+    "(SELECT id FROM job WHERE series_instance_uid = :series AND version < :version)",
+    "UPDATE job SET state = 'superseded', reason = :reason, updated_at = :now "
+    "WHERE series_instance_uid = :series AND version < :version AND state IN ('complete', 'queued', 'classified')",
 )
 _FORGET_INSTANCE = "DELETE FROM instance WHERE sop_instance_uid = :sop"
 _UNCOUNT_INSTANCE = "UPDATE series SET instances = instances - 1 WHERE series_instance_uid = :series"
@@ -222,6 +238,10 @@ class JobStore:
                 run(_COUNT_INSTANCE, counted)
             else:
                 run(_REOPEN_SERIES, {**counted, "reason": f"reopened: new or changed instance after {series[1]}"})
+                superseded = {"series": rec.series_instance_uid, "version": series[2] + 1, "now": now,
+                              "reason": f"superseded by version {series[2] + 1} (new or changed instance)"}
+                for sql in SUPERSEDE_OLDER:
+                    run(sql, superseded)
             if known is None:
                 run(_INSERT_INSTANCE, row)
                 return RecordOutcome.NEW
@@ -292,15 +312,26 @@ class JobStore:
     def _views(self, conn, where) -> list[SeriesView]:  # noqa: ANN001
         query = (
             select(Series, Job.id.label("job_id"), Job.probability, Job.label, Job.model_id, Job.synthetic,
-                   Job.sr_sop_instance_uid, Job.timings)
+                   Job.sr_sop_instance_uid, Job.timings, Job.sr_path)
             .outerjoin(Job, and_(Job.series_instance_uid == Series.series_instance_uid, Job.version == Series.version))
             .order_by(Series.updated_at.desc())
         )
         if where is not None:
             query = query.where(where)
         rows = conn.execute(query).all()
-        deliveries = self._deliveries(conn, [r.job_id for r in rows if r.job_id is not None])
-        return [self._view(r, deliveries.get(r.job_id, [])) for r in rows]
+        job_ids = [r.job_id for r in rows if r.job_id is not None]
+        deliveries = self._deliveries(conn, job_ids)
+        images = {job_id: (uid, path) for job_id, uid, path in conn.execute(
+            select(ResultObject.job_id, ResultObject.sop_instance_uid, ResultObject.path).where(
+                ResultObject.job_id.in_(job_ids), ResultObject.kind == "image"))} if job_ids else {}
+        views = []
+        for r in rows:
+            view = self._view(r, deliveries.get(r.job_id, []))
+            if r.job_id in images:
+                uid, path = images[r.job_id]
+                view = _replace(view, image_sop_instance_uid=uid, image_path=path)
+            views.append(view)
+        return views
 
     def list_series(self, state: str | None = None) -> list[SeriesView]:
         with self.engine.connect() as conn:
@@ -315,7 +346,23 @@ class JobStore:
                 select(Job).where(Job.series_instance_uid == series_instance_uid).order_by(Job.version)
             ).all()
             history = self._deliveries(conn, [j.id for j in jobs])
+            objects: dict[int, list[dict]] = {}
+            for o in conn.execute(select(ResultObject).where(ResultObject.job_id.in_([j.id for j in jobs]))
+                                  .order_by(ResultObject.id)):
+                objects.setdefault(o.job_id, []).append({
+                    "kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
+                    "series_instance_uid": o.series_instance_uid, "path": o.path,
+                    "predecessor_sop_instance_uid": o.predecessor_sop_instance_uid})
+            versions = {j.id: j.version for j in jobs}
+            sent = conn.execute(select(Transmission).where(Transmission.series_instance_uid == series_instance_uid)
+                                .order_by(Transmission.sent_at, Transmission.id)).all()
         view = views[0]
+        view.sent_objects.extend(
+            {"kind": t.kind, "sop_instance_uid": t.sop_instance_uid, "series_instance_uid": t.result_series_instance_uid,
+             "destination": t.destination, "sent_at": iso(t.sent_at), "status": t.status, "job_id": t.job_id,
+             "version": versions.get(t.job_id)}
+            for t in sent
+        )
         view.jobs.extend(
             {
                 "job_id": j.id,
@@ -330,6 +377,7 @@ class JobStore:
                 "sr_sop_instance_uid": j.sr_sop_instance_uid,
                 "timings": json.loads(j.timings) if j.timings else None,
                 "deliveries": history.get(j.id, []),
+                "objects": objects.get(j.id, []),
                 "created_at": iso(j.created_at),
                 "updated_at": iso(j.updated_at),
             }
@@ -378,4 +426,5 @@ class JobStore:
             sr_sop_instance_uid=row.sr_sop_instance_uid,
             timings=json.loads(row.timings) if row.timings else None,
             deliveries=deliveries,
+            sr_path=row.sr_path,
         )

@@ -95,6 +95,7 @@ class NodeProcess:
             + (f'[model]\ncheckpoint = "{checkpoint}"\ndevice = "cpu"\n' if checkpoint else "")
             + "".join(
                 f'[[destinations]]\nname = "{d["name"]}"\nae_title = "{d["ae_title"]}"\nhost = "127.0.0.1"\nport = {d["port"]}\n'
+                + (f"objects = {json.dumps(d['objects'])}\n" if "objects" in d else "")
                 for d in destinations or []
             )
         )
@@ -168,7 +169,9 @@ class OrthancProcess:
     proc: subprocess.Popen | None = None
 
     @classmethod
-    def create(cls, root: Path, modalities: dict[str, tuple[str, int]] | None = None) -> OrthancProcess:
+    def create(cls, root: Path, modalities: dict[str, tuple[str, int]] | None = None,
+               dicomweb: bool = False) -> OrthancProcess:
+        """`dicomweb=True` loads Debian's orthanc-dicomweb plugin (DICOMweb at /dicom-web/, for OHIF)."""
         root.mkdir(parents=True, exist_ok=True)
         self = cls(root, free_port(), free_port())
         config = {
@@ -188,6 +191,15 @@ class OrthancProcess:
             "Plugins": [],
             "StableAge": 2,
         }
+        if dicomweb:
+            from node.viewer import orthanc_dicomweb_config, orthanc_dicomweb_plugin
+
+            plugin = orthanc_dicomweb_plugin()
+            if plugin is None:
+                raise AssertionError("Orthanc's DICOMweb plugin is not installed: "
+                                     "apt-get install orthanc-dicomweb (part of `make install-test`)")
+            config["Plugins"] = [plugin]
+            config["DicomWeb"] = orthanc_dicomweb_config()
         (root / "orthanc.json").write_text(json.dumps(config, indent=2))
         return self
 

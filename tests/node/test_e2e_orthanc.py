@@ -177,3 +177,60 @@ def test_replay_from_pacs_retrieves_by_c_get(node_factory, orthanc_factory, stud
 
     unknown = node.cli("replay", "--from-pacs", "nowhere", t1.study_instance_uid)
     assert unknown.returncode == 1 and "no [[destinations]] named 'nowhere'" in unknown.stderr
+
+
+def test_reopened_series_replaces_its_result_in_pacs_and_resend_replay_add_nothing(
+        node_factory, orthanc_factory, tiny_checkpoint, tmp_path):
+    """Orthanc keeps the first object per SOP Instance UID: a changed result must come under a new UID."""
+    t1 = write_series(tmp_path / "t1", slices=104, rows=64, columns=64, spacing=1.5, seed=21)
+    *first, late = sorted((tmp_path / "t1").iterdir())
+    pacs = orthanc_factory().start()
+    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=2, destinations=[
+        {"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port, "objects": ["sr", "image"]}]).start()
+    study = t1.study_instance_uid
+
+    assert storescu(first, node.port).returncode == 0
+    v1 = wait_state(node, t1.series_instance_uid, "delivered")
+    assert v1["version"] == 1 and v1["instances"] == 103
+    [old_sr] = wait_until(lambda: sr_in(pacs, study), timeout=30, what="first SR in Orthanc")
+    assert len(pacs.find_instances({"StudyInstanceUID": study, "Modality": "OT"})) == 1
+
+    # A late slice reopens the series: a new version, a new result, under new UIDs.
+    assert storescu([late], node.port).returncode == 0
+    v2 = wait_until(lambda: (r := row_of(node, t1.series_instance_uid)) and r["version"] == 2
+                    and r["state"] == "delivered" and r, timeout=120, interval=0.5, what="version 2 delivered")
+    assert v2["sr_sop_instance_uid"] != v1["sr_sop_instance_uid"]
+    assert v2["image_sop_instance_uid"] != v1["image_sop_instance_uid"]
+    srs = wait_until(lambda: len(found := sr_in(pacs, study)) == 2 and found, timeout=30, what="second SR")
+    assert len(pacs.find_instances({"StudyInstanceUID": study, "Modality": "OT"})) == 2
+    [new_sr] = [i for i in srs if i != old_sr]
+    path = tmp_path / "new-sr.dcm"
+    path.write_bytes(pacs.download(new_sr))
+    errors, output = dciodvfy_errors(path)
+    assert errors == [], output
+    sr = hd.sr.srread(path)
+    assert sr.SOPInstanceUID == v2["sr_sop_instance_uid"]
+    (predecessor,) = sr.PredecessorDocumentsSequence
+    (series_ref,) = predecessor.ReferencedSeriesSequence
+    assert predecessor.StudyInstanceUID == study
+    assert [r.ReferencedSOPInstanceUID for r in series_ref.ReferencedSOPSequence] == [v1["sr_sop_instance_uid"]]
+
+    # Resend, and a replay of unchanged input with the same model: the same UIDs, nothing new in PACS.
+    assert node.cli("resend", t1.series_instance_uid).returncode == 0
+    assert node.cli("replay", t1.series_instance_uid).returncode == 0
+    v3 = wait_until(lambda: (r := row_of(node, t1.series_instance_uid)) and r["version"] == 3
+                    and r["state"] == "delivered" and r, timeout=120, interval=0.5, what="replay delivered")
+    assert v3["sr_sop_instance_uid"] == v2["sr_sop_instance_uid"]
+    assert len(sr_in(pacs, study)) == 2
+    assert len(pacs.find_instances({"StudyInstanceUID": study, "Modality": "OT"})) == 2
+
+    shown = json.loads(node.cli("show", t1.series_instance_uid, "--json").stdout)
+    sent = [(o["version"], o["kind"], o["sop_instance_uid"], o["destination"]) for o in shown["sent_objects"]]
+    assert (1, "sr", v1["sr_sop_instance_uid"], "pacs") in sent
+    assert (2, "sr", v2["sr_sop_instance_uid"], "pacs") in sent
+    assert (2, "image", v2["image_sop_instance_uid"], "pacs") in sent
+    assert all(o["sent_at"] for o in shown["sent_objects"])
+    [v2_sr] = [o for o in shown["jobs"][1]["objects"] if o["kind"] == "sr"]
+    assert v2_sr["predecessor_sop_instance_uid"] == v1["sr_sop_instance_uid"]
+    text = node.cli("show", t1.series_instance_uid).stdout
+    assert f"replaces {v1['sr_sop_instance_uid']}" in text and "-> pacs" in text

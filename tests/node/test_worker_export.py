@@ -65,8 +65,10 @@ def test_worker_classifies_and_writes_the_outbox_without_destinations(service, t
     assert view.model_id.startswith("test-random@") and 0 <= view.probability <= 1
     assert set(view.timings) == {"load", "assemble", "preprocess", "inference", "report", "write"}
     outbox = list((svc.settings.storage.data_dir / "outbox").rglob("*.dcm"))
-    assert [p.stem for p in outbox] == [view.sr_sop_instance_uid]
-    assert pydicom.dcmread(outbox[0]).StudyInstanceUID == series.study_instance_uid
+    assert sorted(p.stem for p in outbox) == sorted([view.sr_sop_instance_uid, view.image_sop_instance_uid])
+    for path in outbox:
+        assert pydicom.dcmread(path).StudyInstanceUID == series.study_instance_uid
+    assert {pydicom.dcmread(p).Modality for p in outbox} == {"SR", "OT"}
 
 
 def test_failures_are_retried_then_failed_and_interrupted_jobs_requeued(service, t1):
