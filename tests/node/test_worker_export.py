@@ -171,3 +171,62 @@ def test_export_permanent_refusal_fails_at_once(service, t1):
         assert pacs.received == []
     finally:
         pacs.close()
+
+
+@pytest.fixture(scope="module")
+def t1_late(tmp_path_factory):
+    """A 3D T1 whose last slice arrives after the series was judged complete."""
+    from model.synth import write_series
+
+    out = tmp_path_factory.mktemp("t1-late")
+    series = write_series(out, slices=101, rows=48, columns=48, spacing=1.5, seed=5)
+    *first, late = sorted(out.iterdir())
+    return first, late, series
+
+
+def _job(svc, series_uid: str, version: int) -> dict:
+    return next(j for j in svc.store.get_series(series_uid).jobs if j["version"] == version)
+
+
+def test_a_late_instance_supersedes_the_queued_job(service, t1_late):
+    first, late, series = t1_late
+    svc = service()
+    send(svc.port, first)
+    queued(svc, series.series_instance_uid)
+    send(svc.port, [late])  # reopens the series as version 2
+    v1 = _job(svc, series.series_instance_uid, 1)
+    assert v1["state"] == "superseded" and "superseded by version 2" in v1["reason"]
+    view = queued(svc, series.series_instance_uid)
+    assert view.version == 2 and view.instances == 101
+    worker = Worker(svc.settings, svc.queue)
+    assert worker.run_once() and not worker.run_once()  # only version 2 is classified
+    assert _job(svc, series.series_instance_uid, 1)["probability"] is None
+    assert svc.store.get_series(series.series_instance_uid).state == "delivered"
+    shown = svc.store.get_series(series.series_instance_uid).to_json(detail=True)
+    assert [j["state"] for j in shown["jobs"]] == ["superseded", "delivered"]
+
+
+def test_a_job_superseded_while_classifying_is_never_exported(service, t1_late):
+    first, late, series = t1_late
+    pacs = FlakyPacs()
+    try:
+        svc = service(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}])
+        send(svc.port, first)
+        queued(svc, series.series_instance_uid)
+        claimed = svc.queue.claim()
+        assert claimed is not None and claimed.version == 1
+        send(svc.port, [late])  # version 2 arrives while a worker holds version 1
+        worker = Worker(svc.settings, svc.queue)
+        worker.process(claimed)
+        v1 = _job(svc, series.series_instance_uid, 1)
+        assert v1["state"] == "superseded" and "while classifying" in v1["reason"]
+        assert v1["deliveries"] == [] and v1["probability"] is not None  # kept for the record, not sent
+        assert svc.queue.fail(claimed.job_id, "late error", 3, 0) == "superseded"  # no retry of old work
+        queued(svc, series.series_instance_uid)
+        assert worker.run_once()
+        view = wait_until(lambda: (v := svc.store.get_series(series.series_instance_uid)) and v.state == "delivered"
+                          and v, timeout=30)
+        assert view.version == 2 and pacs.received == [view.sr_sop_instance_uid]
+        assert v1["sr_sop_instance_uid"] != view.sr_sop_instance_uid
+    finally:
+        pacs.close()
