@@ -70,7 +70,7 @@ def check_sr(pacs: OrthancProcess, instance_id: str, tmp_path, study_uid: str, r
     text = " | ".join(str(e.value) for e in sr.iterall() if e.VR not in ("SQ", "OB", "OW", "UN"))
     assert row["label"] in ("responder", "non-responder")
     assert ("NSAID responder" if row["label"] == "responder" else "NSAID non-responder") in text
-    assert f"{round(row['probability'], 4)}".rstrip("0") in text
+    assert f"{round(100 * row['probability'], 2)}".rstrip("0").rstrip(".") in text  # percent
     assert row["model_id"] in text and "SYNTHETIC" in text and "Research use only" in text
     return sr
 
