@@ -2,7 +2,8 @@
 cross-entropy, 100 epochs, Gaussian noise / rotation / scaling / flipping).
 
 Keeps the checkpoint with the best test-split AUC; resumable from
-``train-state.pt`` in the output folder; mixed precision on CUDA.
+``train-state.pt`` in the output folder (unless ``resumable=False``, which
+writes no resume state); mixed precision on CUDA.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,8 +103,16 @@ def train(
     resume: bool = False,
     progress: bool = True,
     extra_summary: dict | None = None,
+    on_epoch: Callable[[dict], bool | None] | None = None,
+    resumable: bool = True,
 ) -> ModelInfo:
-    """Train and write the best checkpoint to `out_dir`; returns its sidecar."""
+    """Train and write the best checkpoint to `out_dir`; returns its sidecar.
+
+    `on_epoch` gets each epoch's record (epoch, loss, test_auc, test_loss,
+    seconds) plus `epochs`, the total; returning True stops training after
+    that epoch (the best checkpoint so far stays). With `resumable=False` no
+    ``train-state.pt`` is written (and any earlier one is removed).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
@@ -164,6 +174,7 @@ def train(
                   "test_loss": test_loss, "seconds": round(time.perf_counter() - started, 1)}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", auc=f"{test_auc:.3f}")
+        stop = on_epoch is not None and bool(on_epoch({**record, "epochs": config.epochs}))
         # Best by test AUC; among equal AUCs the lower test loss (better calibrated) wins.
         improved = not math.isnan(test_auc) and (
             test_auc > best_auc or (test_auc == best_auc and test_loss < best_loss)
@@ -185,14 +196,19 @@ def train(
             }
             info = save_checkpoint(out_dir, model, name=name, architecture=config.architecture, input_spec=spec,
                                    cutoff=config.cutoff, synthetic=synthetic, training=summary)
-        torch.save(
-            {"config": asdict(config), "model": model.state_dict(), "optimiser": optimiser.state_dict(),
-             "epoch": epoch, "best_auc": best_auc, "best_loss": best_loss, "best_epoch": best_epoch,
-             "history": history,
-             "torch_rng": torch.get_rng_state()},
-            state_path,
-        )
+        if resumable:
+            torch.save(
+                {"config": asdict(config), "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                 "epoch": epoch, "best_auc": best_auc, "best_loss": best_loss, "best_epoch": best_epoch,
+                 "history": history,
+                 "torch_rng": torch.get_rng_state()},
+                state_path,
+            )
+        if stop:
+            break
     bar.close()
+    if not resumable:
+        state_path.unlink(missing_ok=True)
     if info is None:
         from model.checkpoint import read_info
 

@@ -15,7 +15,14 @@ import threading
 from collections.abc import Sequence
 
 from node import __version__
-from node.config import CONFIG_ENV, Settings, load_settings
+from node.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    Settings,
+    describe_config_source,
+    load_settings,
+    resolve_config_path,
+)
 from node.errors import ConfigError, NodeError
 from node.logs import setup_logging
 from storage.models import SeriesState
@@ -24,7 +31,15 @@ log = logging.getLogger("node.cli")
 
 
 def _settings(args: argparse.Namespace, overrides: dict | None = None) -> Settings:
-    return load_settings(args.config, overrides)
+    """Settings from --config, else $MIGRAINE_NODE_CONFIG, else /etc/migraine-node/config.toml, else defaults.
+
+    Says which on stderr (stdout stays clean for --json), and records the file in
+    `args.config` so worker processes and the demo load the same one.
+    """
+    path, why = resolve_config_path(args.config)
+    print(describe_config_source(path, why), file=sys.stderr)
+    args.config = None if path is None else str(path)
+    return load_settings(path, overrides)
 
 
 def _store(settings: Settings):  # noqa: ANN202
@@ -78,7 +93,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging("WARNING")
     from node.demo import run_demo
 
-    return run_demo(settings, args.config)
+    try:
+        return run_demo(settings, args.config, viewer=args.viewer)
+    except KeyboardInterrupt:  # everything it started is shut down on the way out
+        print("\nmigraine-node: demo interrupted", file=sys.stderr)
+        return 130
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -102,16 +121,23 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     for key, value in data.items():
-        if key not in ("jobs", "deliveries", "timings"):
-            print(f"{key:20} {'' if value is None else value}")
+        if key not in ("jobs", "deliveries", "timings", "sent_objects"):
+            print(f"{key:22} {'' if value is None else value}")
     print("jobs:")
     for job in data["jobs"]:
         print(f"  v{job['version']} job {job['job_id']}: {job['state']} ({job['instances']} instances) {job['reason'] or ''}")
         if job["probability"] is not None:
             print(f"      {job['label']} p={job['probability']:.3f} model {job['model_id']} SR {job['sr_sop_instance_uid']}")
             print(f"      timings ms: {job['timings']}")
+        for obj in job["objects"]:
+            replaces = f" (replaces {obj['predecessor_sop_instance_uid']})" if obj["predecessor_sop_instance_uid"] else ""
+            print(f"      {obj['kind']:5} {obj['sop_instance_uid']}{replaces}")
         for d in job["deliveries"]:
             print(f"      delivery to {d['destination']}: {d['state']} after {d['attempts']} attempt(s) {d['last_error'] or ''}")
+    print("objects sent:" if data["sent_objects"] else "objects sent: none")
+    for t in data["sent_objects"]:
+        print(f"  {t['sent_at']}  v{t['version']} {t['kind']:5} {t['sop_instance_uid']} -> {t['destination']} "
+              f"(status 0x{t['status']:04X})")
     return 0
 
 
@@ -215,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         default=None,
-        help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults)",
+        help=f"TOML configuration file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH} when it exists, "
+        "else built-in defaults)",
     )
     parser = argparse.ArgumentParser(
         prog="migraine-node",
@@ -230,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", parents=[common], help="end-to-end demo on loopback with a stand-in PACS")
+    p.add_argument("--viewer", action="store_true",
+                   help="afterwards keep Orthanc and the OHIF viewer running on loopback and print the study's "
+                   "viewer URL, until Ctrl-C")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("jobs", parents=[common], help="list series and their state")

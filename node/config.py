@@ -21,6 +21,9 @@ from node.errors import ConfigError
 
 ENV_PREFIX = "MIGRAINE_NODE_"
 CONFIG_ENV = "MIGRAINE_NODE_CONFIG"
+# Where an installed node keeps its config (deploy/migraine-node.service); used when neither
+# --config nor $MIGRAINE_NODE_CONFIG names one, so admin commands work from any folder.
+DEFAULT_CONFIG_PATH = Path("/etc/migraine-node/config.toml")
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -110,13 +113,27 @@ class ExportSection(_Section):
         return self
 
 
+ResultKind = Literal["sr", "image"]
+
+
 class Destination(_Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     ae_title: str
     host: str
     port: Port
+    # What this PACS gets: the Structured Report, and/or the result image for viewers that show no SR.
+    objects: list[ResultKind] = ["sr"]
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("objects")
+    @classmethod
+    def _check_objects(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError('choose at least one of "sr", "image"')
+        if len(set(value)) != len(value):
+            raise ValueError("each object kind may be listed once")
+        return value
 
 
 class Settings(BaseSettings):
@@ -204,6 +221,28 @@ def _describe(error: dict[str, Any], source: str) -> str:
     given = error.get("input")
     shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
     return f"{where}: {message}{shown} [set in {source} or {env}]"
+
+
+def resolve_config_path(cli_value: str | Path | None) -> tuple[Path | None, str]:
+    """Which config file a command uses, and why: `--config`, then $MIGRAINE_NODE_CONFIG,
+    then DEFAULT_CONFIG_PATH when it exists, else none (built-in defaults).
+
+    A named file that does not exist is still returned (load_settings says so);
+    only the default location is optional.
+    """
+    if cli_value:
+        return Path(cli_value), "from --config"
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env), f"from ${CONFIG_ENV}"
+    if DEFAULT_CONFIG_PATH.is_file():
+        return DEFAULT_CONFIG_PATH, "from default location"
+    return None, f"no --config, no ${CONFIG_ENV}, no {DEFAULT_CONFIG_PATH}"
+
+
+def describe_config_source(path: Path | None, why: str) -> str:
+    """The one line a command prints (on stderr) about the config it uses."""
+    return f"config: {path} ({why})" if path is not None else f"config: built-in defaults ({why})"
 
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:

@@ -33,9 +33,16 @@ PIXEL_DATA = 0x7FE00010
 
 
 def model_directory(settings: Settings, progress: bool = False) -> Path:
-    """The configured checkpoint, or the demo model (built now if missing)."""
+    """The configured checkpoint, or the demo model (built now if missing).
+
+    With `progress` the build is narrated on stdout (the demo), otherwise in the log.
+    It is built in a side folder and moved into place when finished, so an
+    interrupted build is never taken for a model.
+    """
     if settings.model.checkpoint is not None:
         return settings.model.checkpoint
+    import shutil
+
     from model.demo import build_demo_model, default_demo_dir
 
     directory = default_demo_dir(settings.storage.data_dir)
@@ -43,9 +50,17 @@ def model_directory(settings: Settings, progress: bool = False) -> Path:
     with open(directory.parent / ".demo.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder when several workers start together
         if not (directory / "model.json").exists():
-            log.warning("no [model] checkpoint configured: building the SYNTHETIC demo model in %s (a few minutes)",
-                        directory)
-            build_demo_model(directory, progress=progress)
+            message = (f"no [model] checkpoint configured: using the synthetic demo model, built once in {directory} "
+                       "(about a minute on CPU)")
+            if progress:
+                print(message, flush=True)
+            else:
+                log.info(message)
+            building = directory.parent / f".{directory.name}.building"
+            shutil.rmtree(building, ignore_errors=True)
+            build_demo_model(building, progress=progress, report=None if progress else log.info)
+            shutil.rmtree(directory, ignore_errors=True)
+            building.rename(directory)
     return directory
 
 

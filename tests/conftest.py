@@ -12,6 +12,14 @@ from model.synth import SyntheticSeries, write_classic_series
 from tests.peers import NodeProcess, free_port
 
 @pytest.fixture(autouse=True)
+def _no_system_config(monkeypatch, tmp_path_factory):
+    """A machine's /etc/migraine-node/config.toml must not leak into tests that pass no --config."""
+    import node.config
+
+    monkeypatch.setattr(node.config, "DEFAULT_CONFIG_PATH", tmp_path_factory.getbasetemp() / "no-such-config.toml")
+
+
+@pytest.fixture(autouse=True)
 def _restore_global_dicom_settings():
     """NodeService switches pydicom validation off process-wide (the ingest hot path);
     put it back so each test sees the library defaults."""

@@ -98,10 +98,16 @@ def test_train_and_evaluate_from_manifest(tmp_path, capsys):
 
 
 def test_demo_model_is_marked_synthetic(tmp_path):
-    info = build_demo_model(tmp_path, n_train=6, n_test=4, epochs=1, progress=False)
+    lines = []
+    info = build_demo_model(tmp_path, n_train=6, n_validation=4, n_test=4, epochs=2, report=lines.append)
     assert info.synthetic is True
     assert "synthetic" in info.training["data"] and info.name.endswith("synthetic")
     assert json.loads((tmp_path / "model.json").read_text())["synthetic"] is True
+    # Validation picks the epoch and cutoff; the test AUC comes from other heads.
+    assert info.training["n_validation"] == 4 and info.training["n_test"] == 4 and "test_auc" in info.training
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "weights.pt"]  # no resume state
+    assert lines[0].startswith("building the synthetic demo model: generating 14 synthetic heads")
+    assert any(line.strip().startswith("epoch 1/2: training loss") for line in lines)
 
 
 @pytest.mark.parametrize("bad", ["spacing=0,1,1", "shape=1,2", "colour=red"])

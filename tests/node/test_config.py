@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from node.config import load_settings
@@ -60,3 +63,46 @@ def test_errors_name_the_key(tmp_path, monkeypatch, text, env, needle):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_config_is_found_from_flag_then_environment_then_default_location(tmp_path, monkeypatch):
+    import node.config
+    from node.config import resolve_config_path
+
+    default = write(tmp_path, "[node]\nport = 3000\n")
+    monkeypatch.setattr(node.config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.delenv("MIGRAINE_NODE_CONFIG", raising=False)
+    assert resolve_config_path(None) == (None, "no --config, no $MIGRAINE_NODE_CONFIG, no " + str(tmp_path / "absent.toml"))
+    monkeypatch.setattr(node.config, "DEFAULT_CONFIG_PATH", default)
+    assert resolve_config_path(None) == (default, "from default location")
+    monkeypatch.setenv("MIGRAINE_NODE_CONFIG", str(tmp_path / "env.toml"))
+    assert resolve_config_path(None) == (tmp_path / "env.toml", "from $MIGRAINE_NODE_CONFIG")
+    assert resolve_config_path("given.toml") == (Path("given.toml"), "from --config")
+
+
+def test_commands_say_which_config_they_use_on_stderr(tmp_path, monkeypatch, capsys):
+    import node.config
+    from node.cli import main
+
+    monkeypatch.chdir(tmp_path)  # any folder: the default location does not depend on it
+    monkeypatch.delenv("MIGRAINE_NODE_CONFIG", raising=False)
+    default = write(tmp_path, f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
+    monkeypatch.setattr(node.config, "DEFAULT_CONFIG_PATH", default)
+    assert main(["jobs", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == []  # stdout stays clean for --json
+    assert err.strip() == f"config: {default} (from default location)"
+    assert (tmp_path / "data" / "node.db").exists()
+
+    monkeypatch.setattr(node.config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.setenv("MIGRAINE_NODE_STORAGE__DATA_DIR", str(tmp_path / "data2"))
+    assert main(["status", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["queue_depth"] == 0
+    assert err.startswith("config: built-in defaults (no --config")
+
+    monkeypatch.setenv("MIGRAINE_NODE_CONFIG", str(tmp_path / "missing.toml"))
+    assert main(["jobs"]) == 2
+    err = capsys.readouterr().err
+    assert f"config: {tmp_path / 'missing.toml'} (from $MIGRAINE_NODE_CONFIG)" in err
+    assert "config file not found" in err

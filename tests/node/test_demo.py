@@ -2,23 +2,96 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 import node.demo
 from node.cli import main
+from node.report import RESEARCH_USE_TEXT
 
 
-@pytest.mark.parametrize("pacs", ["orthanc", "pynetdicom"])
-def test_demo_delivers_an_sr(tmp_path, capsys, monkeypatch, tiny_checkpoint, pacs):
-    if pacs == "pynetdicom":
-        monkeypatch.setattr(node.demo, "ORTHANC", str(tmp_path / "no-orthanc-here"))
+def _config(tmp_path, checkpoint) -> Path:
     config = tmp_path / "demo.toml"
     config.write_text(
         f'[storage]\ndata_dir = "{tmp_path / "data"}"\nmin_free_disk_mb = 16\n'
-        f'[model]\ncheckpoint = "{tiny_checkpoint}"\ndevice = "cpu"\n'
+        f'[model]\ncheckpoint = "{checkpoint}"\ndevice = "cpu"\n'
     )
-    assert main(["demo", "--config", str(config)]) == 0
+    return config
+
+
+@pytest.mark.parametrize("pacs", ["orthanc", "pynetdicom"])
+def test_demo_ends_with_the_sr_as_text_and_where_it_is_kept(tmp_path, capsys, monkeypatch, tiny_checkpoint, pacs):
+    if pacs == "pynetdicom":
+        monkeypatch.setattr(node.demo, "ORTHANC", str(tmp_path / "no-orthanc-here"))
+    monkeypatch.setattr(node.demo.tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    assert main(["demo", "--config", str(_config(tmp_path, tiny_checkpoint))]) == 0
     out = capsys.readouterr().out
-    assert "5/5 prediction:" in out and "SYNTHETIC" in out
-    assert ("Orthanc DEMO_PACS" if pacs == "orthanc" else "stand-in PACS DEMO_PACS") in out
-    assert "stage timings (ms): load" in out and "demo finished" in out
+    for number, name in enumerate(["demo model", "stand-in PACS", "node", "synthetic study", "classification",
+                                   "what the radiologist sees"], start=1):
+        assert re.search(rf"^{number}/6 \[ *\d+ s\] {name}", out, re.M), out
+    assert ("Orthanc as DEMO_PACS" if pacs == "orthanc" else "pynetdicom storage SCP as DEMO_PACS") in out
+    assert "SR delivered to the stand-in PACS DEMO_PACS" in out
+    assert "stage timings (ms): load" in out
+    # The SR's content as text: the label, the probability and the research-use statement.
+    assert re.search(r"^ +Predicted NSAID response: NSAID (non-)?responder$", out, re.M), out
+    assert re.search(r"^ +Probability: ", out, re.M) and RESEARCH_USE_TEXT in out
+    sr_path = Path(re.search(r"SR kept at (\S+)", out).group(1))
+    assert sr_path.is_file() and (tmp_path / "data" / "sr") in sr_path.parents
+    image = re.search(r"result image kept at (\S+)", out)
+    if image:
+        assert Path(image.group(1)).is_file() and (tmp_path / "data") in Path(image.group(1)).parents
+    assert "http://" not in out  # nothing that disappears when the demo exits
+    assert "demo finished" in out
+    assert list((tmp_path / "scratch").iterdir()) == []  # the scratch folder (PACS, study) is removed
+
+
+def test_demo_viewer_without_its_prerequisites_is_one_clear_line(tmp_path, capsys, monkeypatch, tiny_checkpoint):
+    monkeypatch.setattr(node.demo, "ORTHANC", str(tmp_path / "no-orthanc-here"))
+    assert main(["demo", "--viewer", "--config", str(_config(tmp_path, tiny_checkpoint))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("migraine-node: --viewer needs Orthanc")
+    assert not (tmp_path / "data").exists()  # refused before doing anything
+
+
+def test_demo_viewer_without_ohif_is_one_clear_line(tmp_path, capsys, monkeypatch, tiny_checkpoint):
+    import node.viewer
+
+    fake_orthanc = tmp_path / "Orthanc"
+    fake_orthanc.touch()
+    monkeypatch.setattr(node.demo, "ORTHANC", str(fake_orthanc))
+    monkeypatch.setattr(node.viewer, "orthanc_dicomweb_plugin", lambda: str(tmp_path / "libOrthancDicomWeb.so"))
+    monkeypatch.setattr(node.viewer, "find_ohif_dist", lambda: None)
+    assert main(["demo", "--viewer", "--config", str(_config(tmp_path, tiny_checkpoint))]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("migraine-node: --viewer needs the OHIF")
+
+
+def test_demo_model_is_built_aside_and_moved_into_place(tmp_path, monkeypatch, capsys):
+    """An interrupted build is never taken for a model; the message is plain information, not a warning."""
+    import model.demo
+    from node.config import load_settings
+    from node.worker import model_directory
+
+    calls = []
+
+    def fake_build(out_dir, progress, report):  # noqa: ANN001, ANN202
+        calls.append(out_dir)
+        out_dir.mkdir(parents=True)
+        (out_dir / "model.json").write_text("{}")  # train() writes the sidecar after the first epoch
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        (out_dir / "weights.pt").write_bytes(b"")
+
+    monkeypatch.setattr(model.demo, "build_demo_model", fake_build)
+    settings = load_settings(overrides={"storage": {"data_dir": str(tmp_path / "data")}})
+    with pytest.raises(KeyboardInterrupt):
+        model_directory(settings, progress=True)
+    demo_dir = tmp_path / "data" / "models" / "demo"
+    assert not demo_dir.exists()
+    assert model_directory(settings, progress=True) == demo_dir
+    assert sorted(p.name for p in demo_dir.iterdir()) == ["model.json", "weights.pt"]
+    assert sorted(p.name for p in demo_dir.parent.iterdir()) == [".demo.lock", "demo"]
+    assert "using the synthetic demo model, built once in" in capsys.readouterr().out
+    assert model_directory(settings) == demo_dir and len(calls) == 2  # built once
