@@ -27,7 +27,7 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-from node.config import Destination, Settings, load_settings
+from node.config import Settings, load_settings
 from node.errors import ConfigError, NodeError
 
 ORTHANC = "/usr/sbin/Orthanc"
@@ -217,8 +217,7 @@ def run_demo(settings: Settings, config_path: str | None, timeout: float = 900, 
 
         step(3, "node")
         destination = {"name": "demo-pacs", "ae_title": PACS_AE, "host": "127.0.0.1", "port": pacs.port}
-        if "objects" in Destination.model_fields:  # the PACS gets the result image too (for viewers without SR)
-            destination["objects"] = ["sr", "image"]
+        destination["objects"] = ["sr", "image"]  # the PACS gets the result image too (for viewers without SR)
         overrides = {
             "node": {"host": "127.0.0.1", "port": free_port(), "log_level": "WARNING"},  # the steps say it
             "model": {"checkpoint": str(model_dir)},

@@ -40,9 +40,8 @@ def test_demo_ends_with_the_sr_as_text_and_where_it_is_kept(tmp_path, capsys, mo
     assert re.search(r"^ +Probability: ", out, re.M) and RESEARCH_USE_TEXT in out
     sr_path = Path(re.search(r"SR kept at (\S+)", out).group(1))
     assert sr_path.is_file() and (tmp_path / "data" / "sr") in sr_path.parents
-    image = re.search(r"result image kept at (\S+)", out)
-    if image:
-        assert Path(image.group(1)).is_file() and (tmp_path / "data") in Path(image.group(1)).parents
+    image = Path(re.search(r"result image kept at (\S+)", out).group(1))
+    assert image.is_file() and (tmp_path / "data" / "images") in image.parents
     assert "http://" not in out  # nothing that disappears when the demo exits
     assert "demo finished" in out
     assert list((tmp_path / "scratch").iterdir()) == []  # the scratch folder (PACS, study) is removed
@@ -95,3 +94,64 @@ def test_demo_model_is_built_aside_and_moved_into_place(tmp_path, monkeypatch, c
     assert sorted(p.name for p in demo_dir.parent.iterdir()) == [".demo.lock", "demo"]
     assert "using the synthetic demo model, built once in" in capsys.readouterr().out
     assert model_directory(settings) == demo_dir and len(calls) == 2  # built once
+
+
+def test_demo_viewer_stays_up_until_ctrl_c_then_leaves_nothing_running(tmp_path, tiny_checkpoint):
+    """`demo --viewer`: the printed URL serves OHIF with the study, SR and image behind it; Ctrl-C ends it all."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRAINE_NODE_")}
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "demo", "--viewer", "--config",
+                             str(_config(tmp_path, tiny_checkpoint))], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        url = None
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if match := re.search(r"OHIF viewer \(loopback only\): (http://127\.0\.0\.1:\d+/viewer\?StudyInstanceUIDs=(\S+))",
+                                  line):
+                url, study = match.group(1), match.group(2)
+        assert url, "".join(lines)
+        assert b"<html" in urllib.request.urlopen(url, timeout=10).read().lower()
+        base = url.split("/viewer")[0]
+        series = json.loads(urllib.request.urlopen(f"{base}/dicom-web/studies/{study}/series", timeout=10).read())
+        modalities = sorted(s["00080060"]["Value"][0] for s in series)
+        assert modalities == ["MR", "OT", "SR"], modalities  # the study, the result image and the SR
+        children = _children(proc.pid)  # Orthanc and the classification worker
+        assert any("Orthanc" in cmd for _, cmd in children), children
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    left = [(pid, cmd) for pid, cmd in children
+            if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    assert not left, f"still running after Ctrl-C: {left}"
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose parent is `pid`."""
+    out = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if int(fields.get("PPid", "0").strip()) == pid:
+                cmdline = (status.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                out.append((int(status.parent.name), cmdline))
+        except (OSError, ValueError):
+            continue
+    return out
