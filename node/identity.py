@@ -6,8 +6,10 @@ result whose content changes must get a new UID, and a result whose content
 does not change must keep its UID (a resend or an identical replay adds
 nothing to PACS). The content of a result is decided by:
 
-- the source instances: their SOP Instance UIDs and pixel data (a corrected
-  instance keeps its UID but changes its pixels);
+- the source instances: their SOP Instance UIDs, pixel data and the header
+  values the result depends on or copies (geometry, rescale, patient and
+  study identification): a corrected instance keeps its UID but changes one
+  of these;
 - the model: the checkpoint's sha256;
 - the cutoff that turns the probability into a label.
 
@@ -29,8 +31,26 @@ def derive_uid(*parts: str) -> str:
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
+# Header values that change the result (geometry, intensity scaling) or what it copies (patient, study).
+CONTENT_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "AccessionNumber",
+    "StudyDate", "StudyTime", "StudyID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+    "SliceThickness", "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept", "Rows", "Columns",
+    "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+)
+
+
+def instance_content(ds) -> bytes:  # noqa: ANN001  pydicom.Dataset
+    """What of one source instance decides a result: its pixel data and CONTENT_KEYWORDS' values."""
+    header = "|".join(f"{k}={ds.get(k)!r}" for k in CONTENT_KEYWORDS).encode("utf-8", "replace")
+    return hashlib.sha256(header).digest() + (ds.get("PixelData") or b"")
+
+
 def source_digest(sources: Iterable[tuple[str, bytes]]) -> str:
-    """sha256 over (SOP Instance UID, pixel data) pairs, in UID order, so arrival order does not matter."""
+    """sha256 over (SOP Instance UID, content) pairs, in UID order, so arrival order does not matter.
+
+    `content` is `instance_content(ds)` in the worker; tests may pass any bytes.
+    """
     digest = hashlib.sha256()
     for sop_instance_uid, pixel_data in sorted(sources, key=lambda item: item[0]):
         digest.update(sop_instance_uid.encode("ascii"))

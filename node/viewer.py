@@ -172,7 +172,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = urllib.parse.urlsplit(self.path).path
         try:
             segments = [urllib.parse.unquote(s) for s in path.split("/")]
-            if any(s in ("..", ".") or "\\" in s or "\0" in s for s in segments):
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                # Loopback only, by name too: a web page that rebinds its DNS name to 127.0.0.1 must not
+                # read the PACS through this server.
+                self._send_plain(421, "this viewer answers only to 127.0.0.1 / localhost")
+            elif any(s in ("..", ".") or "\\" in s or "/" in s or "\0" in s for s in segments):
+                # Encoded separators (%2F, %5C) too: the proxied path is passed on undecoded.
                 self._send_plain(400, "bad path")
             elif path == self.server.dicomweb_path or path.startswith(self.server.dicomweb_path + "/"):
                 self._proxy(head)
@@ -228,7 +234,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if value:
                     self.send_header(name, value)
             length = upstream.getheader("Content-Length")
-            chunked = not head and length is None
+            bodiless = head or upstream.status in (204, 304) or 100 <= upstream.status < 200
+            chunked = not bodiless and length is None
             if length is not None:
                 self.send_header("Content-Length", length)
             elif chunked:
@@ -236,7 +243,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 self.send_header("Content-Length", "0")
             self.end_headers()
-            if head:
+            if bodiless:
                 return
             # Stream: a WADO-RS series retrieval can be large, and multipart/related bodies are
             # passed through byte for byte (the boundary lives in the forwarded Content-Type).

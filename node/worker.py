@@ -9,10 +9,15 @@ the synthetic demo model is used, built on first use.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import functools
 import io
 import logging
+import multiprocessing
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -111,7 +116,7 @@ class Worker:
 
     def process(self, job: ClaimedJob) -> None:
         from model.volume import assemble_volume
-        from node.identity import result_identity, source_digest
+        from node.identity import instance_content, result_identity, source_digest
         from node.report import build_sr, centre_image
         from node.result_image import build_result_image
 
@@ -135,7 +140,7 @@ class Worker:
         with stage("report"):
             identity = result_identity(
                 job.series_instance_uid,
-                source_digest((str(ds.SOPInstanceUID), ds.get("PixelData") or b"") for ds in datasets),
+                source_digest((str(ds.SOPInstanceUID), instance_content(ds)) for ds in datasets),
                 predictor.info.sha256,
                 prediction.cutoff,
             )
@@ -162,8 +167,6 @@ class Worker:
                 ds, data = encoded[kind]
                 key = SpoolKey(job.study_instance_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
                 path = spool.write(key, (data,))
-                if not destinations:
-                    self.outbox.write(key, (data,))
                 objects.append(ResultFile(
                     kind, str(ds.SOPClassUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(path),
                     identity.content_key,
@@ -187,6 +190,10 @@ class Worker:
         if not current:
             log.info("result not exported: a newer version of the series superseded this job")
             return
+        if not destinations:  # only a current result goes to the outbox
+            for ds, data in encoded.values():
+                self.outbox.write(SpoolKey(job.study_instance_uid, str(ds.SeriesInstanceUID),
+                                           str(ds.SOPInstanceUID)), (data,))
         log.info("%s p=%.3f with %s on %s; timings ms %s", prediction.label, prediction.probability,
                  prediction.model_id, prediction.device, timings)
 
@@ -198,18 +205,57 @@ class Worker:
                 stop.wait(POLL_SECONDS)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_POLL_SECONDS = 1.0
+
+
+def _die_with_parent(stop: threading.Event) -> bool:
+    """Make this worker end when `serve` ends, even when `serve` is SIGKILLed.
+
+    Linux delivers SIGTERM to us when the parent dies (PR_SET_PDEATHSIG; the
+    SIGTERM handler lets the current job finish). A parent that died before
+    that call is caught by comparing the parent PID with the one we were
+    started by, and a thread polling os.getppid() covers other platforms.
+    False when the parent is already gone.
+    """
+    parent = multiprocessing.parent_process()
+    expected = parent.pid if parent is not None else os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            log.warning("prctl(PR_SET_PDEATHSIG) unavailable; watching the parent PID only")
+    if os.getppid() != expected:
+        return False
+
+    def watch() -> None:
+        while not stop.wait(PARENT_POLL_SECONDS):
+            if os.getppid() != expected:
+                log.warning("serve (pid %d) is gone; this worker stops after its current job", expected)
+                stop.set()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    return True
+
+
 def worker_main(config_path: str | None, overrides: dict) -> None:
     """Entry point of a worker process (multiprocessing, spawn)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    if not _die_with_parent(stop):
+        return  # serve died while we started: nobody would stop or supervise us
     settings = load_settings(config_path, overrides)
     setup_logging(settings.node.log_level)
     # highdicom validates the SR it builds; pydicom's per-value regexes on top
     # cost ~3 s per 170-slice report. Every SR we emit is checked by dciodvfy in the tests.
     disable_pydicom_validation()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     engine = make_engine(settings.storage.resolved_database_url)
+    queue = JobQueue(engine)
+    # Claims carry our PID, so serve can release the job we hold if this process dies.
+    queue.claim = functools.partial(queue.claim, worker_pid=os.getpid())  # type: ignore[method-assign]
     try:
-        Worker(settings, JobQueue(engine)).run(stop)
+        Worker(settings, queue).run(stop)
     finally:
         engine.dispose()

@@ -71,6 +71,11 @@ class Predecessor:
     sop_instance_uid: str
 
 
+def claimed_by(worker_pid: int) -> str:
+    """The reason a job carries while the worker process `worker_pid` holds it."""
+    return f"classifying in worker process {worker_pid}"
+
+
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
@@ -117,9 +122,14 @@ class JobQueue:
             self._set_state(conn, job_id, state, _now(now), reason=full)
 
     # ---- worker -------------------------------------------------------------
-    def claim(self, now: float | None = None) -> ClaimedJob | None:
-        """Take the oldest queued job that is due (atomic; safe with several workers)."""
+    def claim(self, now: float | None = None, worker_pid: int | None = None) -> ClaimedJob | None:
+        """Take the oldest queued job that is due (atomic; safe with several workers).
+
+        `worker_pid` is recorded on the job (its reason, while `classifying`) so that
+        `serve` can release the job of a worker process that died (`requeue_jobs_of`).
+        """
         now = _now(now)
+        held = {} if worker_pid is None else {"reason": claimed_by(worker_pid)}
         with self.engine.begin() as conn:
             row = conn.execute(
                 select(Job.id)
@@ -132,7 +142,7 @@ class JobQueue:
             claimed = conn.execute(
                 update(Job)
                 .where(Job.id == row.id, Job.state == SeriesState.QUEUED)
-                .values(state=SeriesState.CLASSIFYING, attempts=Job.attempts + 1, updated_at=now)
+                .values(state=SeriesState.CLASSIFYING, attempts=Job.attempts + 1, updated_at=now, **held)
                 .returning(Job.id, Job.series_instance_uid, Job.version, Job.attempts)
             ).first()
             if claimed is None:
@@ -167,7 +177,7 @@ class JobQueue:
                     predecessor_sop_instance_uid=obj.predecessor_sop_instance_uid, created_at=now))
             job = conn.execute(select(Job.state, Job.version, Job.series_instance_uid).where(Job.id == job_id)).one()
             current = conn.execute(select(Series.version).where(
-                Series.series_instance_uid == job.series_instance_uid)).scalar_one()
+                Series.series_instance_uid == job.series_instance_uid).with_for_update()).scalar_one()
             values = {
                 "probability": result["probability"],
                 "label": result["label"],
@@ -199,9 +209,16 @@ class JobQueue:
         """Back to the queue for a later attempt, or `failed` when the budget is spent."""
         now = _now(now)
         with self.engine.begin() as conn:
-            attempts, state = conn.execute(select(Job.attempts, Job.state).where(Job.id == job_id)).one()
+            attempts, state, version, current = conn.execute(
+                select(Job.attempts, Job.state, Job.version, Series.version)
+                .join(Series, Series.series_instance_uid == Job.series_instance_uid).where(Job.id == job_id)).one()
             if state != SeriesState.CLASSIFYING:
                 return state  # superseded meanwhile: nothing to retry
+            if version != current:
+                conn.execute(update(Job).where(Job.id == job_id).values(
+                    state=SeriesState.SUPERSEDED, updated_at=now,
+                    reason=f"superseded by version {current} while classifying (attempt failed: {reason})"))
+                return SeriesState.SUPERSEDED
             if attempts < max_attempts:
                 self._set_state(conn, job_id, SeriesState.QUEUED, now, reason=f"attempt {attempts} failed: {reason}",
                                 not_before=now + retry_seconds * attempts)
@@ -256,13 +273,17 @@ class JobQueue:
         """Make the latest SR's deliveries pending again (creating missing ones)."""
         now = _now(now)
         with self.engine.begin() as conn:
+            current = conn.execute(select(Series.version).where(
+                Series.series_instance_uid == series_instance_uid).with_for_update()).scalar()
             job = conn.execute(
                 select(Job.id, Job.sr_path).where(Job.series_instance_uid == series_instance_uid,
-                                                  Job.sr_path.is_not(None), Job.state != SeriesState.SUPERSEDED)
-                .order_by(Job.version.desc()).limit(1)
+                                                  Job.version == current, Job.sr_path.is_not(None))
             ).first()
             if job is None:
-                raise JobStoreError(f"series {series_instance_uid} has no SR to resend")
+                if current is None:
+                    raise JobStoreError(f"no series with UID {series_instance_uid} in this node")
+                raise JobStoreError(f"series {series_instance_uid} version {current} has no result yet; "
+                                    "an older version's result is not resent (it would replace a newer one)")
             if not destinations:
                 raise JobStoreError("no [[destinations]] configured: nothing to send to")
             existing = set(conn.execute(select(Delivery.destination).where(Delivery.job_id == job.id)).scalars())
@@ -284,7 +305,8 @@ class JobQueue:
                 select(Delivery.id, Delivery.job_id, Delivery.destination, Delivery.attempts, Job.sr_path,
                        Job.sr_sop_instance_uid, Job.series_instance_uid)
                 .join(Job, Job.id == Delivery.job_id)
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now,
+                       Job.state != SeriesState.SUPERSEDED)
                 .order_by(Delivery.next_attempt_at)
                 .limit(limit)
             ).all()
@@ -327,9 +349,10 @@ class JobQueue:
             row = conn.execute(
                 select(Transmission.sop_class_uid, Transmission.result_series_instance_uid,
                        Transmission.sop_instance_uid)
+                .join(Job, Job.id == Transmission.job_id)
                 .where(Transmission.series_instance_uid == series_instance_uid, Transmission.kind == kind,
-                       Transmission.sop_instance_uid != unlike)
-                .order_by(Transmission.sent_at.desc(), Transmission.id.desc()).limit(1)
+                       Transmission.sop_instance_uid != unlike, Transmission.result_series_instance_uid != "")
+                .order_by(Job.version.desc(), Transmission.sent_at.desc(), Transmission.id.desc()).limit(1)
             ).first()
         return None if row is None else Predecessor(*row)
 
@@ -357,7 +380,8 @@ class JobQueue:
 
     def _delivery(self, delivery_id: int, state: str, error: str | None, next_at: float | None, now: float) -> None:
         with self.engine.begin() as conn:
-            conn.execute(update(Delivery).where(Delivery.id == delivery_id).values(
+            conn.execute(update(Delivery).where(Delivery.id == delivery_id,
+                                                Delivery.state != DeliveryState.SUPERSEDED).values(
                 state=state, attempts=Delivery.attempts + 1, last_error=error, next_attempt_at=next_at, updated_at=now))
             job_id, job_state = conn.execute(select(Job.id, Job.state).join(Delivery, Delivery.job_id == Job.id)
                                              .where(Delivery.id == delivery_id)).one()
@@ -383,3 +407,34 @@ class JobQueue:
                 .order_by(Delivery.updated_at.desc()).limit(1)
             ).first()
         return {"series": series, "deliveries": deliveries, "last_failure": last, "last_delivery_error": last_delivery_error}
+
+    # ---- supervision --------------------------------------------------------
+    def requeue_jobs_of(self, worker_pid: int, max_attempts: int, retry_seconds: float, cause: str,
+                        now: float | None = None) -> list[tuple[int, str]]:
+        """Jobs a dead worker process left `classifying`: the attempt counts (it was counted
+        at claim), so each goes back to `queued` after the retry delay, or to `failed` once
+        `max_attempts` are spent. Returns (job id, new state) pairs."""
+        now = _now(now)
+        out: list[tuple[int, str]] = []
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(Job.id, Job.attempts, Job.version, Series.version.label("current"))
+                .join(Series, Series.series_instance_uid == Job.series_instance_uid)
+                .where(Job.state == SeriesState.CLASSIFYING, Job.reason == claimed_by(worker_pid))
+            ).all()
+            for row in rows:
+                if row.version < row.current:
+                    conn.execute(update(Job).where(Job.id == row.id).values(
+                        state=SeriesState.SUPERSEDED, updated_at=now,
+                        reason=f"superseded by version {row.current}; {cause}"))
+                    out.append((row.id, SeriesState.SUPERSEDED))
+                elif row.attempts < max_attempts:
+                    self._set_state(conn, row.id, SeriesState.QUEUED, now,
+                                    reason=f"attempt {row.attempts} failed: {cause}",
+                                    not_before=now + retry_seconds * row.attempts)
+                    out.append((row.id, SeriesState.QUEUED))
+                else:
+                    self._set_state(conn, row.id, SeriesState.FAILED, now,
+                                    reason=f"failed after {row.attempts} attempt(s): {cause}")
+                    out.append((row.id, SeriesState.FAILED))
+        return out

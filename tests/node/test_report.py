@@ -322,3 +322,17 @@ def test_enhanced_library_entry_uses_functional_group_geometry(enhanced):
         float(frame.ImagePositionPatient[2]))
     assert float(values["Slice Thickness"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
         float(shared.PixelMeasuresSequence[0].SliceThickness))
+
+
+def test_a_header_correction_changes_the_result_identity(classic):
+    from node.identity import instance_content
+
+    original = pydicom.dcmread(classic[0].filename)
+    for keyword, value in (("PatientName", "CORRECTED^NAME"), ("ImagePositionPatient", [1, 2, 3]),
+                           ("RescaleSlope", "2")):
+        corrected = pydicom.dcmread(classic[0].filename)
+        setattr(corrected, keyword, value)
+        assert instance_content(corrected) != instance_content(original), keyword
+    same = pydicom.dcmread(classic[0].filename)
+    same.file_meta.SourceApplicationEntityTitle = "OTHER_AE"  # who sent it does not matter
+    assert instance_content(same) == instance_content(original)

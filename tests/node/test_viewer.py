@@ -213,6 +213,16 @@ def test_viewer_server_refuses_writes_and_escapes(viewer):
     assert status("DELETE", "/dicom-web/studies") == 405
     assert status("GET", "/dicom-web/../system") == 400
     assert status("GET", "/dicom-web/%2e%2e/system") == 400
+    assert status("GET", "/dicom-web/studies%2F..%2F..%2Fsystem") == 400  # encoded separators
+
+    conn = http.client.HTTPConnection("127.0.0.1", viewer.port, timeout=10)
+    try:  # DNS rebinding: a page served as evil.example that resolves to 127.0.0.1
+        conn.request("GET", "/dicom-web/studies", headers={"Host": f"evil.example:{viewer.port}"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 421
+    finally:
+        conn.close()
     assert status("GET", "/../pyproject.toml") == 400
     assert status("GET", "/missing.js") == 404
     assert status("GET", "/viewer") == 200  # a client-side route: index.html
