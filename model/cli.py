@@ -1,19 +1,42 @@
 """Model-side commands of `migraine-node`: synth, train, evaluate, predict,
 import-weights, demo-model. Registered by node/cli.py; heavy imports happen
-inside each command so the node's admin commands stay fast."""
+inside each command so the node's admin commands stay fast.
+
+Imports nothing from node/ or storage/ (tests/model/test_layering.py): the
+node's series selection rules reach `predict` through `register(...,
+select_series=...)`, and a ModelCommandError is reported here (exit 1).
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from node.errors import NodeError
+SeriesSelector = Callable[[Sequence[Any]], Any]
+"""Datasets of one series -> a decision with `.accepted` and `.reason` (the node passes its selection rules)."""
 
 
-class ModelCommandError(NodeError):
+class ModelCommandError(Exception):
     """A model command failed for a reason the user can fix (bad input, refused series)."""
+
+
+def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Exit status 1 and the reason on stderr for a ModelCommandError, as the node's commands do."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except ModelCommandError as exc:
+            print(f"migraine-node: {exc}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def _spec(text: str | None):  # noqa: ANN202
@@ -99,13 +122,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from model.checkpoint import CheckpointError
     from model.predict import Predictor
     from model.volume import VolumeError, assemble_volume, read_series_dir
-    from node.selection import header_from_datasets, select_series
 
+    select_series: SeriesSelector | None = getattr(args, "select_series", None)
     try:
         predictor = Predictor(Path(args.checkpoint), device=args.device)
         datasets = read_series_dir(Path(args.series_dir))
         if not args.no_select:
-            decision = select_series(header_from_datasets(datasets))
+            if select_series is None:
+                raise ModelCommandError("no series selection rules registered (use --no-select to classify anyway)")
+            decision = select_series(datasets)
             if not decision.accepted:
                 raise ModelCommandError(f"series refused: {decision.reason} (use --no-select to classify anyway)")
         volume = assemble_volume(datasets)
@@ -144,7 +169,10 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction, common: argparse.ArgumentParser, select_series: SeriesSelector | None = None
+) -> None:
+    """Add the model commands; `select_series` is the node's series selection (`predict` applies it)."""
     from model.names import ARCHITECTURES
 
     p = sub.add_parser("synth", parents=[common], help="write a synthetic Philips-like 3D T1 study")
@@ -156,7 +184,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     group.add_argument("--non-responder", dest="responder", action="store_false")
     p.add_argument("--slices", type=int, default=170)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_synth)
+    p.set_defaults(func=_reported(cmd_synth))
 
     p = sub.add_parser("train", parents=[common], help="train a network from a dataset manifest")
     p.add_argument("--manifest", required=True, metavar="CSV", help="rows path,label[,split]")
@@ -172,7 +200,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--resume", action="store_true", help="continue from OUT/train-state.pt")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--name", help="model name recorded in the checkpoint")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=_reported(cmd_train))
 
     p = sub.add_parser("evaluate", parents=[common], help="the paper's metrics (AUC with DeLong CI, ...)")
     p.add_argument("--manifest", metavar="CSV")
@@ -181,7 +209,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--split", choices=["test", "train", "all"], default="all", help="manifest rows to use")
     p.add_argument("--out", metavar="DIR", help="write metrics.json, roc.png, predictions.csv")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=_reported(cmd_evaluate))
 
     p = sub.add_parser("predict", parents=[common], help="classify one series folder outside the node")
     p.add_argument("series_dir", metavar="SERIES_DIR")
@@ -189,7 +217,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-select", action="store_true", help="skip the 3D T1 selection rules")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=_reported(cmd_predict), select_series=select_series)
 
     p = sub.add_parser("import-weights", parents=[common], help="wrap a 3D-ResNets state_dict as a checkpoint")
     p.add_argument("state_dict", metavar="STATE_DICT")
@@ -198,10 +226,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--cutoff", type=float, default=0.5)
     p.add_argument("--input-spec")
     p.add_argument("--name")
-    p.set_defaults(func=cmd_import_weights)
+    p.set_defaults(func=_reported(cmd_import_weights))
 
     p = sub.add_parser("demo-model", parents=[common], help="train the synthetic demo model (about a minute on CPU)")
     p.add_argument("--out", default="migraine-node-data/models/demo", metavar="DIR")
     p.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default 14; "
                    "training stops earlier once the validation heads are separated)")
-    p.set_defaults(func=cmd_demo_model)
+    p.set_defaults(func=_reported(cmd_demo_model))

@@ -20,10 +20,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from node.header import MULTIFRAME_SERIES_SOP_CLASSES
+from model.sop_classes import MR_IMAGE_STORAGE, MULTIFRAME_SERIES_SOP_CLASSES
 
 # Image storage SOP classes we can assemble (MR image, Enhanced MR, Legacy Converted Enhanced MR).
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 IMAGE_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, *MULTIFRAME_SERIES_SOP_CLASSES})
 # Affine convention of highdicom and DICOM: columns map (i, j, k) voxel indices to LPS millimetres.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

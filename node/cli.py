@@ -42,11 +42,32 @@ def _settings(args: argparse.Namespace, overrides: dict | None = None) -> Settin
     return load_settings(path, overrides)
 
 
-def _store(settings: Settings):  # noqa: ANN202
+def _store(settings: Settings, read_only: bool = False):  # noqa: ANN202
+    """The node's JobStore. `read_only` (jobs, show, status) never creates a database:
+    a missing SQLite file is an error (NodeError: exit 1), not an empty node."""
     from storage.db import make_engine
     from storage.store import JobStore
 
-    return JobStore(make_engine(settings.storage.resolved_database_url))
+    url = settings.storage.resolved_database_url
+    if read_only:
+        from pathlib import Path
+
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            path = parsed.database or ""
+            if path in ("", ":memory:") or not Path(path).is_file():
+                raise NodeError(f"no database at {path or url}: the node has not run with this configuration "
+                                "(check --config)")
+    return JobStore(make_engine(url))
+
+
+def _select_series(datasets):  # noqa: ANN001, ANN202
+    """The node's selection rules for `predict` (model/ imports nothing from node/, so they are passed in)."""
+    from node.selection import header_from_datasets, select_series
+
+    return select_series(header_from_datasets(datasets))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -62,7 +83,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    NodeService(settings, args.config, overrides).serve_forever(stop)
+    try:
+        service = NodeService(settings, args.config, overrides)
+    except OSError as exc:  # data_dir or database not usable
+        raise NodeError(f"cannot start: {exc}") from None
+    # Start-up errors (model, port) stop whatever had started and surface as NodeError/ConfigError.
+    service.serve_forever(stop)
     return 0
 
 
@@ -101,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    store = _store(_settings(args))
+    store = _store(_settings(args), read_only=True)
     rows = [v.to_json() for v in store.list_series(args.state)]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -111,7 +137,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    store = _store(_settings(args))
+    store = _store(_settings(args), read_only=True)
     view = store.get_series(args.series_instance_uid)
     if view is None:
         print(f"no series with Series Instance UID {args.series_instance_uid}", file=sys.stderr)
@@ -190,7 +216,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from storage.store import iso
 
     settings = _settings(args)
-    summary = JobQueue(_store(settings).engine).status()
+    summary = JobQueue(_store(settings, read_only=True).engine).status()
     data = {
         "series": summary["series"],
         "queue_depth": sum(summary["series"].get(s, 0) for s in ("complete", "queued", "classifying")),
@@ -292,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from model.cli import register as register_model_commands
 
-    register_model_commands(sub, common)
+    register_model_commands(sub, common, select_series=_select_series)
 
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -307,11 +333,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
-        print(f"migraine-node: {exc}", file=sys.stderr)
+        print(f"migraine-node: {_one_line(exc)}", file=sys.stderr)
         return 2
     except NodeError as exc:
-        print(f"migraine-node: {exc}", file=sys.stderr)
+        print(f"migraine-node: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: Exception) -> str:
+    """Errors end the output as one line (`invalid configuration: a; b`), easy to grep in a journal."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    return f"{lines[0]} {'; '.join(lines[1:])}"
 
 
 if __name__ == "__main__":

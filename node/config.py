@@ -48,6 +48,13 @@ class NodeSection(_Section):
     allowed_calling_aets: list[str] = []
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Vendor-private SOP classes accepted and kept alongside the images (a presentation context
+    # is offered for each). They are never counted as slices nor read by selection or the model.
+    private_sop_classes: list[str] = [
+        "1.3.46.670589.11.0.0.12.1",  # Philips Private MR Spectrum Storage
+        "1.3.46.670589.11.0.0.12.2",  # Philips Private MR Series Data Storage
+        "1.3.46.670589.11.0.0.12.4",  # Philips Private MR Examcard Storage
+    ]
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -55,6 +62,18 @@ class NodeSection(_Section):
     @classmethod
     def _check_aets(cls, value: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in value]
+
+    @field_validator("private_sop_classes")
+    @classmethod
+    def _check_private_sop_classes(cls, value: list[str]) -> list[str]:
+        import re
+
+        for uid in value:
+            if len(uid) > 64 or not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", uid):
+                raise ValueError(f"{uid!r} is not a UID")
+            if uid.startswith("1.2.840.10008."):
+                raise ValueError(f"{uid} is a standard DICOM UID, not a private SOP class")
+        return list(dict.fromkeys(value))
 
 
 class StorageSection(_Section):
@@ -92,6 +111,9 @@ class SeriesSection(_Section):
 class ModelSection(_Section):
     checkpoint: Path | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Without a checkpoint, `serve` uses the synthetic demo model; with [[destinations]] set it
+    # refuses to start unless this says so, so demo results never reach a real PACS by accident.
+    allow_synthetic_demo_model: bool = False
 
 
 class WorkerSection(_Section):

@@ -18,10 +18,12 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 
 from storage.spool import SpoolKey
 from storage.store import InstanceRecord
-# Multi-frame SOP classes whose single object carries a whole series.
-ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
-LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.4"
-MULTIFRAME_SERIES_SOP_CLASSES = frozenset({ENHANCED_MR_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE})
+# Multi-frame SOP classes whose single object carries a whole series (shared with model/volume.py).
+from model.sop_classes import (
+    ENHANCED_MR_IMAGE_STORAGE,
+    LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE,
+    MULTIFRAME_SERIES_SOP_CLASSES,
+)
 
 _STOP_AFTER = 0x00280008  # Number of Frames
 
@@ -125,14 +127,19 @@ _WANTED = {
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+# Undefined-length sequences nest this deep at most (real objects: under 10). Deeper is refused
+# as unparseable rather than walked: unbounded recursion is a crash, not a parse failure.
+MAX_SEQUENCE_DEPTH = 64
 
 
 class _Unsupported(Exception):
     """The fast scanner met something it does not handle; pydicom takes over."""
 
 
-def _skip_undefined(buf: bytes, pos: int, little: bool) -> int:
+def _skip_undefined(buf: bytes, pos: int, little: bool, depth: int = 1) -> int:
     """Position after the sequence delimiter of an undefined-length sequence at `pos`."""
+    if depth > MAX_SEQUENCE_DEPTH:
+        raise HeaderError(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
     order = "<" if little else ">"
     while True:
         group, element, length = struct.unpack_from(order + "HHI", buf, pos)
@@ -145,19 +152,21 @@ def _skip_undefined(buf: bytes, pos: int, little: bool) -> int:
         if length != _UNDEFINED:
             pos += length
             continue
-        pos = _skip_item(buf, pos, little)
+        pos = _skip_item(buf, pos, little, depth)
 
 
-def _skip_item(buf: bytes, pos: int, little: bool) -> int:
+def _skip_item(buf: bytes, pos: int, little: bool, depth: int) -> int:
     """Walk an undefined-length item (explicit VR: _scan refuses implicit) up to its delimiter."""
     while True:
         group, element = struct.unpack_from("<HH" if little else ">HH", buf, pos)
         if (group << 16 | element) == _ITEM_END:
             return pos + 8
-        pos = _next_element(buf, pos, little, False)[3]
+        pos = _next_element(buf, pos, little, False, depth)[3]
 
 
-def _next_element(buf: bytes, pos: int, little: bool, implicit: bool) -> tuple[int, int, int, int]:
+def _next_element(
+    buf: bytes, pos: int, little: bool, implicit: bool, depth: int = 0
+) -> tuple[int, int, int, int]:
     """(tag, value start, value length, position after the element) of the element at `pos`."""
     order = "<" if little else ">"
     group, element = struct.unpack_from(order + "HH", buf, pos)
@@ -174,7 +183,7 @@ def _next_element(buf: bytes, pos: int, little: bool, implicit: bool) -> tuple[i
             (length,) = struct.unpack_from(order + "H", buf, pos + 6)
             start = pos + 8
     if length == _UNDEFINED:
-        return tag, start, 0, _skip_undefined(buf, start, little)
+        return tag, start, 0, _skip_undefined(buf, start, little, depth + 1)
     end = start + length
     if end > len(buf):
         raise _Unsupported("element runs past the end of the dataset")
@@ -225,7 +234,8 @@ def read_header(encoded: bytes, transfer_syntax_uid: str) -> InstanceHeader:
 
     A struct-based scan of the top-level elements handles the common case
     (explicit VR, ASCII text) in a fraction of pydicom's time on the C-STORE
-    hot path; anything else goes through pydicom.
+    hot path; anything else goes through pydicom. Every parse failure, of
+    either path, is a HeaderError (the SCP answers 0xC210).
     """
     ts = UID(transfer_syntax_uid)
     if ts == DeflatedExplicitVRLittleEndian:
@@ -237,7 +247,11 @@ def read_header(encoded: bytes, transfer_syntax_uid: str) -> InstanceHeader:
     little = ts != ExplicitVRBigEndian
     try:
         return _scan(encoded, little, implicit)
+    except HeaderError:
+        raise
     except (_Unsupported, struct.error):
+        pass
+    except Exception:  # noqa: S110  any other surprise of the fast path: pydicom decides
         pass
     try:
         ds = read_dataset(
@@ -247,5 +261,7 @@ def read_header(encoded: bytes, transfer_syntax_uid: str) -> InstanceHeader:
             stop_when=lambda tag, vr, length: tag > _STOP_AFTER,
         )
         return header_from_dataset(ds)
+    except RecursionError:
+        raise HeaderError("cannot parse dataset header: sequences nested too deeply") from None
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise HeaderError(f"cannot parse dataset header: {type(exc).__name__}: {exc}") from None

@@ -34,7 +34,9 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import register_uid, uid_to_service_class
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Settings
@@ -48,6 +50,11 @@ from storage.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
+# Only syntaxes the installed decoders read (tests/node/test_transfer_syntaxes.py sends a series
+# in each and assembles it): pydicom itself (uncompressed, deflate, RLE), python-gdcm (JPEG lossless
+# Process 14 and SV1, JPEG baseline, JPEG-LS, JPEG 2000), pyjpegls (JPEG-LS), Pillow (JPEG baseline,
+# JPEG 2000), pylibjpeg + pylibjpeg-openjpeg (HTJ2K, JPEG 2000), pylibjpeg-rle (fast RLE). An
+# acknowledged instance that cannot be decoded would only fail later, at classification.
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -64,8 +71,11 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     HTJ2K,
     RLELossless,
     JPEGBaseline8Bit,
-    JPEGExtended12Bit,
 )
+# Negotiated away (a sender then falls back to a syntax above): JPEG Extended (Process 2 and 4)
+# carries MR's 12-bit samples, which neither GDCM nor Pillow decodes; the one decoder that does,
+# pylibjpeg-libjpeg, is GPL-3.0, which this proprietary node does not take on.
+NOT_ACCEPTED: tuple[UID, ...] = (JPEGExtended12Bit,)
 
 
 class ActiveAssociations:
@@ -127,7 +137,13 @@ class Ingest:
             header, affected_sop_class_uid, str(transfer_syntax_uid), sum(len(c) for c in chunks), calling_ae_title
         )
         key = SpoolKey(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid)
-        replaced = not self.spool.same_content(key, chunks) if self.spool.path_for(key).exists() else None
+        # The same dataset from another AE or in another syntax is a duplicate: the file meta is
+        # not compared, and a different syntax is compared decoded (Spool.same_instance).
+        replaced = (
+            not self.spool.same_instance(key, chunks[0], encoded, str(transfer_syntax_uid))
+            if self.spool.path_for(key).exists()
+            else None
+        )
         return record, replaced
 
     def receive(
@@ -137,8 +153,13 @@ class Ingest:
         affected_sop_class_uid: str,
         affected_sop_instance_uid: str,
         calling_ae_title: str,
+        before_record: Callable[[InstanceRecord], None] | None = None,
     ) -> tuple[InstanceRecord, RecordOutcome]:
         """Store one instance durably; raises IngestError with the status to send.
+
+        `before_record` runs once the instance is validated and before its row is
+        committed (the SCP marks the series' sender active there, so the tracker
+        never sees the row without its open association).
 
         Order: file staged and fdatasynced, row committed, file renamed into
         place and its directory fsynced, then success. A crash between the
@@ -163,6 +184,8 @@ class Ingest:
             except SpoolError as exc:
                 raise IngestError(StoreStatus.OUT_OF_RESOURCES, str(exc)) from None
         try:
+            if before_record is not None:
+                before_record(record)
             outcome = self.store.record_instance(record, replaced_content=bool(replaced))
         except (StoreError, SQLAlchemyError) as exc:
             if staged is not None:
@@ -182,7 +205,11 @@ class Ingest:
         return record, outcome
 
 
-def _status(status: StoreStatus, comment: str) -> Dataset:
+# C-STORE failure "Processing failure" (PS3.7 C.4.2): an unexpected error in the node.
+PROCESSING_FAILURE = 0x0110
+
+
+def _status(status: StoreStatus | int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = int(status)
     ds.ErrorComment = comment[:64]
@@ -200,6 +227,9 @@ def handle_store(event: evt.Event, ingest: Ingest, active: ActiveAssociations) -
             request.AffectedSOPClassUID,
             request.AffectedSOPInstanceUID,
             calling,
+            # Bookkeeping first: the series counts as being sent before its row (and the
+            # expected-count rule) can be seen, and long before 0x0000 goes back.
+            before_record=lambda rec: active.add(id(event.assoc), rec.series_instance_uid),
         )
     except IngestError as exc:
         log.warning(
@@ -212,8 +242,8 @@ def handle_store(event: evt.Event, ingest: Ingest, active: ActiveAssociations) -
         return _status(exc.status, str(exc))
     except Exception:  # a bug must not take the association down silently
         log.exception("unexpected error storing an instance from %s", calling)
-        return _status(StoreStatus.OUT_OF_RESOURCES, "internal error; retry later")
-    active.add(id(event.assoc), record.series_instance_uid)
+        # Processing failure, not 0xA700: a sender retries "out of resources" forever.
+        return _status(PROCESSING_FAILURE, "internal error processing the instance")
     if log.isEnabledFor(logging.DEBUG):
         with log_context(series=record.series_instance_uid):
             log.debug("stored %s (%s)", record.sop_instance_uid, outcome)
@@ -270,7 +300,7 @@ def handle_assoc_end(event: evt.Event, active: ActiveAssociations, on_end: Calla
 
 
 def build_ae(settings: Settings) -> AE:
-    """The acceptor: Verification plus every storage SOP class."""
+    """The acceptor: Verification, every storage SOP class and the configured private ones."""
     ae = AE(ae_title=settings.node.ae_title)
     ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs
     ae.maximum_associations = settings.node.max_associations
@@ -280,7 +310,19 @@ def build_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    # Vendor-private objects sent with the images (Philips Private MR Series Data, ExamCard, spectra):
+    # accepted and kept so the scanner's export succeeds; storage never counts them as slices.
+    for uid in settings.node.private_sop_classes:
+        register_private_storage(uid)
+        ae.add_supported_context(uid, TRANSFER_SYNTAXES)
     return ae
+
+
+def register_private_storage(uid: str) -> None:
+    """Route C-STORE of a private SOP class to the storage service (pynetdicom aborts the
+    association for a class it has no service for). Idempotent; process-wide, as pynetdicom's table is."""
+    if uid_to_service_class(uid) is not StorageServiceClass:
+        register_uid(uid, "PrivateStorage_" + uid.replace(".", "_"), StorageServiceClass)
 
 
 def event_handlers(

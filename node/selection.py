@@ -49,6 +49,23 @@ DEFAULT_REFUSE_DESCRIPTION_PATTERNS: tuple[str, ...] = (
     r"(?<![a-z])(min)?mip(?![a-z])",  # MIP / MinIP projections
 )
 
+# Contrast markers in SeriesDescription or ProtocolName: the model saw native (non-contrast) T1 only.
+# Matched case-insensitively. Pre-contrast and negated forms ("pre Gd", "non contrast", "w/o contrast")
+# are not markers, nor are words that merely contain the letters (T1W_3D_TFE, SENSE, posterior, post-op).
+_NOT_NEGATED = r"(?<!pre[-_ ])(?<!non[-_ ])(?<!no[-_ ])(?<!w/o[-_ ])(?<!without[-_ ])(?<!ohne[-_ ])"
+DEFAULT_CONTRAST_PATTERNS: tuple[str, ...] = (
+    r"\+[-_ ]?c(?![a-z])",  # +C, T1+C, T1 +C
+    r"(?<![a-z])c[-_ ]?\+",  # C+, T1 C+
+    _NOT_NEGATED + r"(?<![a-z])(gd|gad|gado|gadolinium|gadovist|dotarem|multihance|prohance)(?![a-z])",  # +Gd, GAD
+    _NOT_NEGATED + r"(?<![a-z])post(?![a-z])(?![-_ ]?op)",  # MPRAGE_POST, T1 post (not post-op)
+    r"(?<![a-z])post[-_ ]?(gd|gad|gado|c|ce|contrast|kontrast|km)(?![a-z])",  # POSTGD, postcontrast
+    _NOT_NEGATED + r"(?<![a-z])(ce|km)(?![a-z])",  # T1_CE, CE-T1; German KM (Kontrastmittel)
+    _NOT_NEGATED + r"(?<![a-z])(?<!pre)(?<!non)(contrast|kontrast)",  # contrast, T1 contrast (not precontrast)
+)
+
+# Contrast/Bolus Agent values that mean "none".
+_NO_AGENT = frozenset({"", "NONE", "NO", "N/A", "NA", "-", "0", "NATIVE", "NATIV", "KEIN", "KEINE"})
+
 # Why each refused ImageType value matters, in the administrator's words.
 _IMAGE_TYPE_MEANING = {
     "DERIVED": "a reformat or derived image",
@@ -76,6 +93,7 @@ class SeriesHeader:
     spacing_between_slices: float | None  # (0018,0088)
     scanning_sequence: tuple[str, ...] = ()
     sequence_variant: tuple[str, ...] = ()
+    contrast_agent: str | None = None  # (0018,0010) Contrast/Bolus Agent, or the agent sequence's meaning
 
 
 @dataclass(frozen=True)
@@ -89,10 +107,12 @@ class SelectionRules:
     max_voxel_mm: float = 1.5
     refuse_image_types: tuple[str, ...] = ("DERIVED", "PROJECTION", "LOCALIZER", "SECONDARY", "MPR", "MIP")
     refuse_description_patterns: tuple[str, ...] = DEFAULT_REFUSE_DESCRIPTION_PATTERNS
+    refuse_contrast: bool = True
+    contrast_patterns: tuple[str, ...] = DEFAULT_CONTRAST_PATTERNS
 
     def __post_init__(self) -> None:
         # A bad regex in configuration should fail at start-up, not on the first study.
-        for pattern in (*self.description_patterns, *self.refuse_description_patterns):
+        for pattern in (*self.description_patterns, *self.refuse_description_patterns, *self.contrast_patterns):
             re.compile(pattern, re.IGNORECASE)
 
 
@@ -104,6 +124,15 @@ class Decision:
 
 def _matches(patterns: Sequence[str], text: str) -> bool:
     return any(re.search(p, text, re.IGNORECASE) for p in patterns)
+
+
+def _contrast_marker(patterns: Sequence[str], text: str) -> str | None:
+    """The text of the first contrast marker found in `text`, or None."""
+    for pattern in patterns:
+        found = re.search(pattern, text, re.IGNORECASE) if text else None
+        if found:
+            return found.group(0)
+    return None
 
 
 def _refused_image_type(image_type: Sequence[str], refuse: Sequence[str]) -> str | None:
@@ -152,6 +181,18 @@ def select_series(header: SeriesHeader, rules: SelectionRules = SelectionRules()
         name, field = "", ""
     if name and _matches(rules.refuse_description_patterns, name):
         return refuse(f"a localizer/survey or reformat series ({field} '{name}')")
+
+    # 2b. Post-contrast: the model was trained on native T1 only.
+    if rules.refuse_contrast:
+        agent = (header.contrast_agent or "").strip()
+        if agent.upper() not in _NO_AGENT:
+            return refuse(f"post-contrast series: Contrast/Bolus Agent is '{agent}' (the model expects a native T1)")
+        for label, value in (("series description", header.series_description),
+                             ("protocol name", header.protocol_name)):
+            marker = _contrast_marker(rules.contrast_patterns, (value or "").strip())
+            if marker:
+                return refuse(f"post-contrast series: {label} '{value.strip()}' has the contrast marker "
+                              f"'{marker}' (the model expects a native T1)")
 
     # 3. The protocol name says 3D T1.
     if not name:
@@ -256,4 +297,20 @@ def header_from_datasets(datasets: Sequence[Dataset]) -> SeriesHeader:
         spacing_between_slices=_float(_lookup(ds, "SpacingBetweenSlices")),
         scanning_sequence=_strings(_lookup(ds, "ScanningSequence")),
         sequence_variant=_strings(_lookup(ds, "SequenceVariant")),
+        contrast_agent=_contrast_agent(ds),
     )
+
+
+def _contrast_agent(ds: Dataset) -> str | None:
+    """(0018,0010) Contrast/Bolus Agent, else the first item of an Enhanced MR agent sequence."""
+    agent = _text(_lookup(ds, "ContrastBolusAgent"))
+    if agent:
+        return agent
+    seq = _lookup(ds, "ContrastBolusAgentSequence")
+    try:
+        item = seq[0] if seq else None  # type: ignore[index]
+    except (TypeError, IndexError):
+        item = None
+    if item is None:
+        return None
+    return _text(item.get("CodeMeaning")) or _text(item.get("CodeValue")) or "present"

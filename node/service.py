@@ -6,15 +6,21 @@ in-process on a free port.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
+import signal
 import threading
+import time
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Settings
 from node.dimse_tuning import disable_pydicom_validation, shorten_acceptor_reactor_sleep
 from node.dispatch import Dispatcher
+from node.errors import ConfigError, NodeError
 from node.export import Exporter
 from node.recovery import recover
 from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers
@@ -30,7 +36,64 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 1.0
 # Selection and export are cheap queries when idle; a short tick keeps them off the critical path.
 FAST_TICK_SECONDS = 0.25
+# How long `stop` waits for a worker to finish its current job before killing it.
+# deploy/migraine-node.service's TimeoutStopSec must stay above this (tests/node/test_supervision.py).
 WORKER_STOP_SECONDS = 60
+# Worker supervision: how often `serve` looks at its workers, and how a worker that
+# keeps dying soon after its start is restarted (doubling delay, capped).
+SUPERVISE_SECONDS = 1.0
+QUICK_DEATH_SECONDS = 10.0
+MAX_RESTART_DELAY_SECONDS = 30.0
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "unknown exit"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def check_model(settings: Settings) -> None:
+    """Refuse to start with a model the workers could not load, or that should not reach a PACS.
+
+    Runs in `serve` before any worker is spawned, without importing torch: the
+    sidecar must be readable and the weights must match its sha256 (the worker
+    checks again when it loads them).
+    """
+    checkpoint = settings.model.checkpoint
+    if checkpoint is None:
+        if settings.destinations and not settings.model.allow_synthetic_demo_model:
+            raise ConfigError(
+                "no [model] checkpoint configured and [[destinations]] are set: refusing to send results of the "
+                "synthetic demo model to a PACS (set [model] checkpoint, or [model] allow_synthetic_demo_model = true)")
+        return
+    # Names as in model/checkpoint.py (not imported: it pulls in torch).
+    sidecar, weights = Path(checkpoint) / "model.json", Path(checkpoint) / "weights.pt"
+    try:
+        info = json.loads(sidecar.read_text())
+        expected = str(info["sha256"])
+    except FileNotFoundError:
+        raise ConfigError(f"[model] checkpoint: {sidecar} not found: not a checkpoint directory") from None
+    except OSError as exc:
+        raise ConfigError(f"[model] checkpoint: cannot read {sidecar}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"[model] checkpoint: {sidecar} is not a valid sidecar ({type(exc).__name__})") from None
+    digest = hashlib.sha256()
+    try:
+        with open(weights, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        raise ConfigError(f"[model] checkpoint: {weights} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"[model] checkpoint: cannot read {weights}: {exc.strerror}") from None
+    if digest.hexdigest() != expected:
+        raise ConfigError(f"[model] checkpoint: {weights} is corrupted or was replaced (sha256 does not match "
+                          f"{sidecar.name})")
 
 
 class NodeService:
@@ -39,6 +102,11 @@ class NodeService:
         # Worker processes rebuild the same settings from the same sources.
         self._config_source = (config_path, overrides or {})
         self._workers: list[multiprocessing.process.BaseProcess] = []
+        self._worker_started: list[float] = []
+        self._quick_deaths: list[int] = []
+        self._restart_at: dict[int, float] = {}  # worker index -> when its replacement starts
+        self._supervisor_stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
         disable_pydicom_validation()
         shorten_acceptor_reactor_sleep()
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -57,10 +125,31 @@ class NodeService:
         self.port: int | None = None
 
     def start(self) -> None:
+        """Start everything, or nothing: a failure stops what had started and raises.
+
+        The model is checked and the port bound before any worker process is spawned,
+        so a start-up error leaves no process behind.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        if self.settings.worker.processes:
+            check_model(self.settings)
         recover(self.spool, self.store)
         requeued = self.queue.requeue_interrupted()
         if requeued:
             log.warning("%d job(s) interrupted by a previous stop were queued again", requeued)
+        node = self.settings.node
+        handlers = event_handlers(self.settings, self.ingest, self.active, self.tracker.association_ended)
+        try:
+            self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise NodeError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from None
+        self.port = self._server.server_address[1]
         for job_id, func, seconds in (
             ("series-completion", self.tracker.tick, TICK_SECONDS),
             ("selection", self.dispatcher.run, FAST_TICK_SECONDS),
@@ -72,10 +161,6 @@ class NodeService:
             )
         self.scheduler.start()
         self._start_workers()
-        node = self.settings.node
-        handlers = event_handlers(self.settings, self.ingest, self.active, self.tracker.association_ended)
-        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
-        self.port = self._server.server_address[1]
         log.info(
             "migraine-node listening on %s:%d as %s (data_dir=%s)",
             node.host,
@@ -91,20 +176,72 @@ class NodeService:
         except Exception:
             log.exception("%s step failed; retrying on the next tick", name)
 
+    def _spawn_worker(self, index: int) -> multiprocessing.process.BaseProcess:
+        process = multiprocessing.get_context("spawn").Process(
+            target=worker_main, args=self._config_source, name=f"migraine-node-worker-{index}", daemon=True
+        )
+        process.start()
+        return process
+
     def _start_workers(self) -> None:
-        context = multiprocessing.get_context("spawn")
         for index in range(self.settings.worker.processes):
-            process = context.Process(
-                target=worker_main, args=self._config_source, name=f"migraine-node-worker-{index}", daemon=True
-            )
-            process.start()
-            self._workers.append(process)
+            self._workers.append(self._spawn_worker(index))
+            self._worker_started.append(time.monotonic())
+            self._quick_deaths.append(0)
         if self._workers:
-            log.info("started %d classification worker process(es)", len(self._workers))
+            log.info("started %d classification worker process(es): pid %s", len(self._workers),
+                     ", ".join(str(p.pid) for p in self._workers))
+            # Replacements are spawned by this long-lived thread: a worker's PR_SET_PDEATHSIG
+            # fires when the *thread* that spawned it ends, so never from a pool thread.
+            self._supervisor_stop.clear()
+            self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        while not self._supervisor_stop.wait(SUPERVISE_SECONDS):
+            try:
+                self.check_workers()
+            except Exception:
+                log.exception("worker supervision failed; retrying in %g s", SUPERVISE_SECONDS)
+
+    def check_workers(self) -> None:
+        """Restart workers that died; the job a dead worker held counts one attempt."""
+        now = time.monotonic()
+        worker = self.settings.worker
+        for index, process in enumerate(self._workers):
+            if self._supervisor_stop.is_set():
+                return
+            restart_at = self._restart_at.get(index)
+            if restart_at is None:
+                if process.is_alive():
+                    continue
+                process.join(0)
+                cause = f"worker process {process.pid} died ({_describe_exit(process.exitcode)})"
+                released = self.queue.requeue_jobs_of(process.pid, worker.max_attempts, worker.retry_seconds, cause)
+                quick = now - self._worker_started[index] < QUICK_DEATH_SECONDS
+                self._quick_deaths[index] = self._quick_deaths[index] + 1 if quick else 0
+                delay = 0.0 if not quick else min(MAX_RESTART_DELAY_SECONDS, 2.0 ** (self._quick_deaths[index] - 1))
+                log.error("%s; %s; restarting it%s", cause,
+                          ", ".join(f"its job {job} is now {state}" for job, state in released) or "it held no job",
+                          f" in {delay:g} s" if delay else "")
+                restart_at = self._restart_at[index] = now + delay
+            if now >= restart_at and not self._supervisor_stop.is_set():
+                del self._restart_at[index]
+                self._workers[index] = self._spawn_worker(index)
+                self._worker_started[index] = time.monotonic()
+                log.info("worker %d restarted: pid %d", index, self._workers[index].pid)
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._workers if p.is_alive()]
 
     def _stop_workers(self) -> None:
+        self._supervisor_stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
         for process in self._workers:
-            process.terminate()  # SIGTERM: the worker finishes its current job and exits
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker finishes its current job and exits
         for process in self._workers:
             process.join(WORKER_STOP_SECONDS)
             if process.is_alive():
@@ -113,6 +250,9 @@ class NodeService:
                 process.kill()
                 process.join()
         self._workers.clear()
+        self._worker_started.clear()
+        self._quick_deaths.clear()
+        self._restart_at.clear()
 
     def stop(self) -> None:
         if self._server is not None:

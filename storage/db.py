@@ -1,22 +1,32 @@
 """One SQLAlchemy engine per process, configured for many writer threads.
 
-SQLite runs in WAL mode with a busy timeout, and every transaction starts with
-BEGIN IMMEDIATE so two writers queue on the lock instead of failing when a
-read transaction tries to upgrade. synchronous=NORMAL is enough: the fsynced
+SQLite runs in WAL mode with a busy timeout. Write transactions
+(`engine.begin()`, and JobStore's raw ingest path) start with BEGIN IMMEDIATE
+so two writers queue on the lock instead of failing when a read transaction
+tries to upgrade. Read transactions (`engine.connect()`) start with a plain
+deferred BEGIN: under WAL they read a snapshot without taking the write lock,
+so `jobs`, `status` and the scheduler's polls never hold up a C-STORE.
+Consequently nothing may write inside `engine.connect()`: use `engine.begin()`.
+synchronous=NORMAL is enough: the fsynced
 spool file is the source of truth and rows lost to a power cut are rebuilt
 from the spool at start-up (node/recovery.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from storage.models import Base
 
 BUSY_TIMEOUT_MS = 30_000
+
+BEGIN_MODE_OPTION = "sqlite_begin_mode"
+"""Connection execution option naming how the next transaction begins (DEFERRED or IMMEDIATE)."""
 
 
 def sqlite_url(path: Path) -> str:
@@ -47,7 +57,19 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn) -> None:  # noqa: ANN001
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Reads (autobegin under engine.connect()) take a deferred snapshot; writes ask for IMMEDIATE.
+            mode = conn.get_execution_options().get(BEGIN_MODE_OPTION, "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        @contextlib.contextmanager
+        def _begin_immediate() -> Iterator[Connection]:
+            """`engine.begin()`: a write transaction, holding the write lock from its start."""
+            with engine.connect() as conn:
+                conn.execution_options(**{BEGIN_MODE_OPTION: "IMMEDIATE"})
+                with conn.begin():
+                    yield conn
+
+        engine.begin = _begin_immediate  # type: ignore[method-assign]
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)

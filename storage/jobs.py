@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, and_, func, insert, select, text, update
 
 from storage.models import Delivery, DeliveryState, Instance, Job, ResultObject, Series, SeriesState, Transmission
-from storage.store import SUPERSEDE_OLDER
+from storage.store import DICOM_UID_ROOT, SUPERSEDE_OLDER
 
 
 class JobStoreError(Exception):
@@ -106,9 +106,12 @@ class JobQueue:
             )]
 
     def instance_paths(self, series_instance_uid: str) -> list[str]:
+        """Spool paths of the series' image instances; vendor-private objects are never selection's input."""
         with self.engine.connect() as conn:
             return list(conn.execute(
-                select(Instance.path).where(Instance.series_instance_uid == series_instance_uid).order_by(Instance.path)
+                select(Instance.path).where(Instance.series_instance_uid == series_instance_uid,
+                                            Instance.sop_class_uid.like(DICOM_UID_ROOT + "%"))
+                .order_by(Instance.path)
             ).scalars())
 
     def selected(self, job_id: int, accepted: bool, reason: str, now: float | None = None) -> None:
@@ -155,8 +158,9 @@ class JobQueue:
             study = conn.execute(
                 select(Series.study_instance_uid).where(Series.series_instance_uid == claimed.series_instance_uid)
             ).scalar_one()
-            paths = conn.execute(
-                select(Instance.path).where(Instance.series_instance_uid == claimed.series_instance_uid)
+            paths = conn.execute(  # image instances only: private vendor objects never reach assembly
+                select(Instance.path).where(Instance.series_instance_uid == claimed.series_instance_uid,
+                                            Instance.sop_class_uid.like(DICOM_UID_ROOT + "%"))
             ).scalars()
             return ClaimedJob(claimed.id, claimed.series_instance_uid, study, claimed.version, claimed.attempts,
                               tuple(sorted(paths)))

@@ -17,6 +17,9 @@ class SeriesState(StrEnum):
     """Instances are arriving; not yet judged complete."""
     COMPLETE = "complete"
     """All instances are believed received; waiting for selection."""
+    INCOMPLETE = "incomplete"
+    """Fewer instances than the header's expected count arrived before the max wait; never
+    classified. `reason` says how many; the missing instances reopen it as a new version."""
     QUEUED = "queued"
     """Selected as 3D T1; waiting for a worker."""
     CLASSIFYING = "classifying"

@@ -72,6 +72,109 @@ def encode_file_meta(
     return _PREAMBLE + group_length + body
 
 
+def split_file_meta(data: bytes) -> tuple[int, str] | None:
+    """(offset of the dataset, Transfer Syntax UID) of a Part 10 file whose meta
+    starts with its group length, as every writer here (and pydicom) writes it;
+    None for anything else."""
+    if len(data) < 144 or data[128:132] != b"DICM" or data[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        return None
+    offset = 144 + struct.unpack_from("<I", data, 140)[0]
+    pos = 144
+    while pos + 8 <= offset:
+        group, element, vr = struct.unpack_from("<HH2s", data, pos)
+        if group != 0x0002:
+            return None
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length, header = struct.unpack_from("<I", data, pos + 8)[0], 12
+        else:
+            length, header = struct.unpack_from("<H", data, pos + 6)[0], 8
+        if element == 0x0010:
+            value = data[pos + header : pos + header + length]
+            return offset, value.rstrip(b"\x00 ").decode("ascii", "replace")
+        pos += header + length
+    return None
+
+
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel Data, Float and Double Float Pixel Data
+# Not content: what a lossless transcoder notes about itself (DCMTK's dcmcjpeg adds "Lossless JPEG
+# compression, ..."). Lossy transcoding still differs, in Lossy Image Compression and the pixels.
+_TRANSCODER_TAGS = frozenset({0x00082111})  # Derivation Description
+
+
+def same_dataset_content(a: bytes, b: bytes) -> bool:
+    """True if two Part 10 files hold the same dataset, whatever their file meta
+    and transfer syntax: the same elements (group 0002 and group lengths aside)
+    with equal values, and pixel data that is byte-identical or decodes to the
+    same array. Anything that cannot be parsed or decoded counts as different
+    (so it replaces the stored file, as a change would).
+    """
+    from io import BytesIO
+
+    import pydicom
+
+    try:
+        first = pydicom.dcmread(BytesIO(a))
+        second = pydicom.dcmread(BytesIO(b))
+        if not _same_elements(first, second):
+            return False
+        for tag in _PIXEL_TAGS:
+            if (tag in first) != (tag in second):
+                return False
+        if not any(tag in first for tag in _PIXEL_TAGS):
+            return True
+        if first.file_meta.TransferSyntaxUID == second.file_meta.TransferSyntaxUID and all(
+            first[tag].value == second[tag].value for tag in _PIXEL_TAGS if tag in first
+        ):
+            return True
+        import numpy as np
+
+        one, two = first.pixel_array, second.pixel_array
+        return (one.shape, one.dtype.kind, one.dtype.itemsize) == (two.shape, two.dtype.kind, two.dtype.itemsize) and bool(
+            np.array_equal(one, two)
+        )
+    except Exception:  # noqa: BLE001  unreadable or undecodable: not provably the same
+        return False
+
+
+def _same_elements(first, second) -> bool:  # noqa: ANN001  (pydicom Datasets)
+    """Every element but pixel data, group 0002 and group lengths, compared by
+    value; values that differ as read (VR-dependent, e.g. a private element
+    read as UN from implicit VR) are compared as implicit VR little endian bytes."""
+    from pydicom.filewriter import correct_ambiguous_vr
+
+    def tags(ds) -> set:  # noqa: ANN001
+        return {
+            t
+            for t in ds.keys()
+            if t.group != 0x0002 and t.element != 0x0000 and t not in _PIXEL_TAGS and t not in _TRANSCODER_TAGS
+        }
+
+    if tags(first) != tags(second):
+        return False
+    for ds in (first, second):
+        correct_ambiguous_vr(ds, is_little_endian=True)
+    for tag in tags(first):
+        x, y = first[tag], second[tag]
+        if x.VR == "SQ" or y.VR == "SQ":
+            if x.VR != y.VR or len(x.value) != len(y.value):
+                return False
+            if not all(_same_elements(i, j) for i, j in zip(x.value, y.value)):
+                return False
+        elif x.value != y.value and _implicit_bytes(x) != _implicit_bytes(y):
+            return False
+    return True
+
+
+def _implicit_bytes(elem) -> bytes:  # noqa: ANN001
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_data_element(fp, elem)
+    return fp.getvalue()
+
+
 @dataclass(frozen=True)
 class SpoolKey:
     """Where one instance lives: three validated UIDs."""
@@ -188,6 +291,28 @@ class Spool:
             return path.read_bytes() == b"".join(chunks)
         except FileNotFoundError:
             return False
+
+    def same_instance(self, key: SpoolKey, meta: bytes, encoded: bytes, transfer_syntax_uid: str) -> bool:
+        """True if the spooled file for `key` holds the same dataset as `encoded`.
+
+        The file meta is not compared: it records the sender (Source AE Title)
+        and the transfer syntax, neither of which makes a different instance.
+        Same syntax and same bytes after the meta is a byte comparison (the
+        common resend); anything else compares the content: every element but
+        the pixel data by value, then the pixel data decoded (see
+        :func:`same_dataset_content`).
+        """
+        path = self.path_for(key)
+        try:
+            existing = path.read_bytes()
+        except FileNotFoundError:
+            return False
+        parsed = split_file_meta(existing)
+        if parsed is not None:
+            offset, existing_syntax = parsed
+            if existing_syntax == transfer_syntax_uid and existing[offset:] == encoded:
+                return True
+        return same_dataset_content(existing, meta + encoded)
 
     def remove_partial_files(self) -> int:
         """Delete temporary files left by a crash; returns how many."""

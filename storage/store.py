@@ -23,6 +23,16 @@ from sqlalchemy.exc import OperationalError
 from storage.models import Delivery, Instance, Job, ResultObject, Series, SeriesState, Transmission
 
 
+# Standard SOP classes live under the DICOM root. Any other class is vendor-private (the SCP accepts
+# only those listed in [node] private_sop_classes): kept with its series but never counted as a
+# slice, never a reason to reopen a series, never given to selection or the model.
+DICOM_UID_ROOT = "1.2.840.10008."
+
+
+def is_private_sop_class(sop_class_uid: str | None) -> bool:
+    return not (sop_class_uid or "").startswith(DICOM_UID_ROOT)
+
+
 class StoreError(Exception):
     """A state change was refused (for example a UID conflict)."""
 
@@ -156,6 +166,7 @@ SUPERSEDE_OLDER = (
     "UPDATE job SET state = 'superseded', reason = :reason, updated_at = :now "
     "WHERE series_instance_uid = :series AND version < :version AND state IN ('complete', 'queued', 'classified')",
 )
+_SELECT_INSTANCE_CLASS = "SELECT sop_class_uid FROM instance WHERE sop_instance_uid = :sop"
 _FORGET_INSTANCE = "DELETE FROM instance WHERE sop_instance_uid = :sop"
 _UNCOUNT_INSTANCE = "UPDATE series SET instances = instances - 1 WHERE series_instance_uid = :series"
 
@@ -214,8 +225,10 @@ class JobStore:
             if known is not None and not replaced_content:
                 return RecordOutcome.DUPLICATE
             series = run(_SELECT_SERIES, {"series": rec.series_instance_uid}).fetchone()
-            added = 0 if known is not None else 1
-            counted = {"series": rec.series_instance_uid, "added": added, "now": now, "expected": rec.expected_instances}
+            private = is_private_sop_class(rec.sop_class_uid)
+            added = 0 if known is not None or private else 1
+            expected = None if private else rec.expected_instances
+            counted = {"series": rec.series_instance_uid, "added": added, "now": now, "expected": expected}
             if series is None:
                 run(
                     _INSERT_SERIES,
@@ -226,7 +239,7 @@ class JobStore:
                         "series_description": rec.series_description,
                         "series_number": rec.series_number,
                         "calling_ae_title": rec.calling_ae_title,
-                        "expected_instances": rec.expected_instances,
+                        "expected_instances": expected,
                         "instances": added,
                         "state": SeriesState.RECEIVING.value,
                         "now": now,
@@ -236,6 +249,8 @@ class JobStore:
                 raise StoreError("Series Instance UID already recorded in another study")
             elif series[1] == SeriesState.RECEIVING:
                 run(_COUNT_INSTANCE, counted)
+            elif private:
+                pass  # a vendor object after completion changes no image: the series stays as it is
             else:
                 run(_REOPEN_SERIES, {**counted, "reason": f"reopened: new or changed instance after {series[1]}"})
                 superseded = {"series": rec.series_instance_uid, "version": series[2] + 1, "now": now,
@@ -251,8 +266,10 @@ class JobStore:
     def forget_instance(self, series_instance_uid: str, sop_instance_uid: str) -> None:
         """Undo a NEW record whose spool file could not be made durable."""
         with self._sql() as run:
+            row = run(_SELECT_INSTANCE_CLASS, {"sop": sop_instance_uid}).fetchone()
             run(_FORGET_INSTANCE, {"sop": sop_instance_uid})
-            run(_UNCOUNT_INSTANCE, {"series": series_instance_uid})
+            if row is None or not is_private_sop_class(row[0]):
+                run(_UNCOUNT_INSTANCE, {"series": series_instance_uid})
 
     def instance_paths(self) -> dict[str, tuple[str, str]]:
         """Spool path -> (series UID, SOP Instance UID) of every recorded instance."""
@@ -274,12 +291,22 @@ class JobStore:
             ).all()
         return [SeriesSnapshot(*row) for row in rows]
 
-    def mark_complete(self, snapshot: SeriesSnapshot, reason: str, now: float | None = None) -> bool:
-        """Complete the series unless an instance arrived since `snapshot`.
+    def mark_complete(
+        self,
+        snapshot: SeriesSnapshot,
+        reason: str,
+        now: float | None = None,
+        state: SeriesState = SeriesState.COMPLETE,
+    ) -> bool:
+        """Close the series as `state` (complete, or incomplete) unless an instance arrived since `snapshot`.
 
-        Creates the Job for this version of the series. Returns False when the
-        series changed meanwhile (the next tick looks again).
+        Creates the Job for this version of the series, in the same state: an
+        incomplete job is never selected (selection takes `complete` jobs only)
+        and stays in the history when a late instance reopens the series.
+        Returns False when the series changed meanwhile (the next tick looks again).
         """
+        if state not in (SeriesState.COMPLETE, SeriesState.INCOMPLETE):
+            raise ValueError(f"a receiving series closes as complete or incomplete, not {state}")
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
             changed = conn.execute(
@@ -289,7 +316,7 @@ class JobStore:
                     Series.state == SeriesState.RECEIVING,
                     Series.last_received_at == snapshot.last_received_at,
                 )
-                .values(state=SeriesState.COMPLETE, reason=reason, completed_at=now, updated_at=now)
+                .values(state=state, reason=reason, completed_at=now, updated_at=now)
                 .returning(Series.version, Series.instances)
             ).first()
             if changed is None:
@@ -298,7 +325,7 @@ class JobStore:
                 insert(Job).values(
                     series_instance_uid=snapshot.series_instance_uid,
                     version=changed.version,
-                    state=SeriesState.COMPLETE,
+                    state=state,
                     reason=reason,
                     instances=changed.instances,
                     attempts=0,
@@ -395,8 +422,11 @@ class JobStore:
                 )
         return out
 
-    def count_instances(self, series_instance_uid: str | None = None) -> int:
+    def count_instances(self, series_instance_uid: str | None = None, private: bool = True) -> int:
+        """Recorded instances; `private=False` counts image (standard SOP class) instances only."""
         query = select(func.count()).select_from(Instance)
+        if not private:
+            query = query.where(Instance.sop_class_uid.like(DICOM_UID_ROOT + "%"))
         if series_instance_uid is not None:
             query = query.where(Instance.series_instance_uid == series_instance_uid)
         with self.engine.connect() as conn:

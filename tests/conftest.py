@@ -8,7 +8,7 @@ import torch
 from model.checkpoint import save_checkpoint
 from model.network import build_network
 from model.preprocess import InputSpec
-from model.synth import SyntheticSeries, write_classic_series
+from model.synth import SyntheticSeries, write_classic_series, write_series
 from tests.peers import NodeProcess, free_port
 
 @pytest.fixture(autouse=True)
@@ -57,6 +57,23 @@ def t1_series(tmp_path_factory) -> tuple[Path, SyntheticSeries]:
 def small_series(tmp_path_factory) -> tuple[Path, SyntheticSeries]:
     out = tmp_path_factory.mktemp("t1-small")
     return out, write_classic_series(out, slices=48, rows=64, columns=64, seed=7)
+
+
+# The source series a result (SR, result image) is built from: one classic, one multi-frame
+# (Legacy Converted Enhanced MR) of the same size, shared by tests/node/test_report.py and
+# tests/node/test_result_image.py. Read them; never write to their files.
+
+
+@pytest.fixture(scope="session")
+def source_classic(tmp_path_factory) -> SyntheticSeries:
+    return write_series(tmp_path_factory.mktemp("classic"), slices=24, rows=32, columns=32, spacing=4.0, seed=7)
+
+
+@pytest.fixture(scope="session")
+def source_enhanced(tmp_path_factory) -> SyntheticSeries:
+    return write_series(
+        tmp_path_factory.mktemp("enhanced"), slices=24, rows=32, columns=32, spacing=4.0, enhanced=True, seed=8
+    )
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,72 @@ def storescu(
         text=True,
         timeout=300,
     )
+
+
+# ---- a pynetdicom SCU -------------------------------------------------------------------------
+
+MAX_CONTEXTS = 128  # presentation contexts one association may propose
+
+
+@contextmanager
+def scu_association(
+    port: int,
+    calling: str = "SCANNER",
+    called: str = NODE_AE,
+    contexts: Sequence[str] | None = None,
+    extra_contexts: Sequence[str] = (),
+    transfer_syntax: str | None = None,
+) -> Iterator:
+    """An established association from a pynetdicom SCU to 127.0.0.1:`port`, released on exit.
+
+    It proposes `contexts` (abstract syntax UIDs), by default pynetdicom's storage SOP classes
+    (trimmed to leave room for `extra_contexts`, proposed after them), each with `transfer_syntax`
+    alone or pynetdicom's default transfer syntaxes.
+    """
+    from pynetdicom import AE, StoragePresentationContexts
+
+    if contexts is None:
+        storage = [cx.abstract_syntax for cx in StoragePresentationContexts]
+        contexts = storage[: MAX_CONTEXTS - len(extra_contexts)]
+    ae = AE(ae_title=calling)
+    for uid in [*contexts, *extra_contexts]:
+        ae.add_requested_context(uid, [transfer_syntax] if transfer_syntax else None)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    try:
+        yield assoc
+    finally:
+        assoc.release()
+
+
+def scu_store_responses(port: int, *datasets_or_paths, chunked: bool = True, **association) -> list:
+    """C-STORE each dataset or file over one association (`scu_association`'s keywords); the responses.
+
+    `chunked`: files go as they are on disk, never decoded, so malformed ones reach the node
+    (pynetdicom's STORE_SEND_CHUNKED_DATASET, put back afterwards); otherwise pynetdicom reads them.
+    """
+    from pynetdicom import _config as pynetdicom_config
+
+    with scu_association(port, **association) as assoc:
+        saved = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = chunked
+        try:
+            return [assoc.send_c_store(item) for item in datasets_or_paths]
+        finally:
+            pynetdicom_config.STORE_SEND_CHUNKED_DATASET = saved
+
+
+def scu_store(port: int, *datasets_or_paths, chunked: bool = True, **association) -> list[int]:
+    """`scu_store_responses`, the statuses only."""
+    return [rsp.Status for rsp in scu_store_responses(port, *datasets_or_paths, chunked=chunked, **association)]
+
+
+def scu_echo(port: int, calling: str = "SCANNER", called: str = NODE_AE) -> int:
+    """A C-ECHO over its own association; the status."""
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    with scu_association(port, calling=calling, called=called, contexts=[Verification]) as assoc:
+        return assoc.send_c_echo().Status
 
 
 @dataclass

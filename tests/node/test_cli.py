@@ -47,3 +47,25 @@ def test_jobs_show_and_echo(node_factory, small_series, capsys):
     assert "rejected" in capsys.readouterr().err
     assert main(["echo", "no-port-here", "--config", config]) == 1
     assert "AE@HOST:PORT" in capsys.readouterr().err
+
+
+def test_read_commands_never_create_a_database(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\ndata_dir = "{data}"\n')
+    for argv in (["status"], ["status", "--json"], ["jobs"], ["show", "1.2.3.4"]):
+        assert main([*argv, "--config", str(config)]) == 1
+        captured = capsys.readouterr()
+        assert f"no database at {(data / 'node.db').resolve()}" in captured.err
+        assert "has not run with this configuration (check --config)" in captured.err
+        assert "queue depth" not in captured.out
+        assert list(data.iterdir()) == []
+
+
+def test_status_without_config_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MIGRAINE_NODE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["status"]) == 1
+    assert "no database at" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -86,13 +86,16 @@ def test_commands_say_which_config_they_use_on_stderr(tmp_path, monkeypatch, cap
 
     monkeypatch.chdir(tmp_path)  # any folder: the default location does not depend on it
     monkeypatch.delenv("MIGRAINE_NODE_CONFIG", raising=False)
+    from storage.db import make_engine, sqlite_url
+
+    for data in ("data", "data2"):  # a node has run with each configuration: its database exists
+        make_engine(sqlite_url(tmp_path / data / "node.db")).dispose()
     default = write(tmp_path, f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
     monkeypatch.setattr(node.config, "DEFAULT_CONFIG_PATH", default)
     assert main(["jobs", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == []  # stdout stays clean for --json
     assert err.strip() == f"config: {default} (from default location)"
-    assert (tmp_path / "data" / "node.db").exists()
 
     monkeypatch.setattr(node.config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     monkeypatch.setenv("MIGRAINE_NODE_STORAGE__DATA_DIR", str(tmp_path / "data2"))

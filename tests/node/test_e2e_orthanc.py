@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import highdicom as hd
+import pydicom
 import pytest
 
 from model.synth import write_series
@@ -184,6 +185,10 @@ def test_reopened_series_replaces_its_result_in_pacs_and_resend_replay_add_nothi
     """Orthanc keeps the first object per SOP Instance UID: a changed result must come under a new UID."""
     t1 = write_series(tmp_path / "t1", slices=104, rows=64, columns=64, spacing=1.5, seed=21)
     *first, late = sorted((tmp_path / "t1").iterdir())
+    for path in (*first, late):  # no announced count: the first 103 complete by the idle rule
+        ds = pydicom.dcmread(path)
+        del ds.ImagesInAcquisition
+        ds.save_as(path, enforce_file_format=True)
     pacs = orthanc_factory().start()
     node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=2, destinations=[
         {"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port, "objects": ["sr", "image"]}]).start()

@@ -91,3 +91,52 @@ def test_garbage_never_yields_a_usable_uid():
         pass
     with pytest.raises(header_module._Unsupported):
         _scan(garbage, True, False)
+
+
+# ---- parse failures are HeaderError, never another exception ------------------------------------
+
+
+def _el(group: int, element: int, vr: bytes, value: bytes, implicit: bool = False) -> bytes:
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "
+    tag = group.to_bytes(2, "little") + element.to_bytes(2, "little")
+    if implicit:
+        return tag + len(value).to_bytes(4, "little") + value
+    return tag + vr + len(value).to_bytes(2, "little") + value
+
+
+def nested_sequences_dataset(depth: int, sop_instance_uid: str = "1.2.3.4.5", implicit: bool = False) -> bytes:
+    """`depth` undefined-length Referenced Image Sequences, each in an undefined-length item."""
+    vr = b"" if implicit else b"SQ\x00\x00"
+    sq_open = b"\x08\x00\x40\x11" + vr + b"\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    sq_close = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    return (
+        _el(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.4", implicit)
+        + _el(0x0008, 0x0018, b"UI", sop_instance_uid.encode(), implicit)
+        + _el(0x0008, 0x0060, b"CS", b"MR", implicit)
+        + sq_open * depth
+        + sq_close * depth
+        + _el(0x0020, 0x000D, b"UI", b"1.2.3.4", implicit)
+        + _el(0x0020, 0x000E, b"UI", b"1.2.3.4.1", implicit)
+    )
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_deeply_nested_sequences_are_a_header_error(ts):
+    encoded = nested_sequences_dataset(2000, implicit=ts == ImplicitVRLittleEndian)
+    with pytest.raises(HeaderError, match="nested"):
+        read_header(encoded, ts)
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_moderately_nested_sequences_still_parse(ts):
+    header = read_header(nested_sequences_dataset(20, implicit=ts == ImplicitVRLittleEndian), ts)
+    assert header.sop_instance_uid == "1.2.3.4.5" and header.series_instance_uid == "1.2.3.4.1"
+
+
+def test_any_fast_path_surprise_falls_back_to_pydicom(monkeypatch):
+    def boom(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise IndexError("scanner bug")
+
+    monkeypatch.setattr(header_module, "_scan", boom)
+    assert read_header(nested_sequences_dataset(3), ExplicitVRLittleEndian).series_instance_uid == "1.2.3.4.1"

@@ -19,7 +19,6 @@ from pydicom.uid import ComprehensiveSRStorage
 from model.checkpoint import ModelInfo
 from model.predict import Prediction
 from model.preprocess import InputSpec
-from model.synth import write_series
 from node.identity import derive_uid, result_identity, source_digest
 from node.report import (
     CODING_SCHEME,
@@ -59,17 +58,13 @@ def build_sr(evidence, prediction, model, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def classic(tmp_path_factory) -> list[pydicom.Dataset]:
-    series = write_series(tmp_path_factory.mktemp("classic"), slices=24, rows=32, columns=32, spacing=4.0, seed=7)
-    return _read(series.paths)
+def classic(source_classic) -> list[pydicom.Dataset]:
+    return _read(source_classic.paths)
 
 
 @pytest.fixture(scope="module")
-def enhanced(tmp_path_factory) -> list[pydicom.Dataset]:
-    series = write_series(
-        tmp_path_factory.mktemp("enhanced"), slices=24, rows=32, columns=32, spacing=4.0, enhanced=True, seed=8
-    )
-    return _read(series.paths)
+def enhanced(source_enhanced) -> list[pydicom.Dataset]:
+    return _read(source_enhanced.paths)
 
 
 def _model(synthetic: bool = True, sha256: str = SHA) -> ModelInfo:

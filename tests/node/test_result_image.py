@@ -14,7 +14,6 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from model.checkpoint import ModelInfo
 from model.predict import Prediction
 from model.preprocess import InputSpec
-from model.synth import write_series
 from node import __version__
 from node.report import MANUFACTURER, RESEARCH_USE_TEXT, SYNTHETIC_TEXT
 from node.result_image import (
@@ -46,19 +45,15 @@ class Source:
 
 
 @pytest.fixture(scope="module")
-def classic(tmp_path_factory) -> Source:
-    series = write_series(tmp_path_factory.mktemp("classic"), slices=24, rows=32, columns=32, spacing=4.0, seed=7)
-    datasets = sorted((pydicom.dcmread(p) for p in series.paths), key=lambda ds: float(ds.SliceLocation))
+def classic(source_classic) -> Source:
+    datasets = sorted((pydicom.dcmread(p) for p in source_classic.paths), key=lambda ds: float(ds.SliceLocation))
     centre = datasets[len(datasets) // 2]
     return Source(pydicom.dcmread(centre.filename, stop_before_pixels=True), centre.pixel_array, None)
 
 
 @pytest.fixture(scope="module")
-def enhanced(tmp_path_factory) -> Source:
-    series = write_series(
-        tmp_path_factory.mktemp("enhanced"), slices=24, rows=32, columns=32, spacing=4.0, enhanced=True, seed=8
-    )
-    (path,) = series.paths
+def enhanced(source_enhanced) -> Source:
+    (path,) = source_enhanced.paths
     frames = pydicom.dcmread(path).pixel_array
     return Source(pydicom.dcmread(path, stop_before_pixels=True), frames[len(frames) // 2], len(frames) // 2 + 1)
 

@@ -312,3 +312,106 @@ def test_pydicom_mr_small_is_refused():
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"), stop_before_pixels=True)
     decision = select_series(header_from_datasets([ds]))
     assert not decision.accepted and "DERIVED" in decision.reason
+
+
+# ---- post-contrast series ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["T1W_3D_TFE +C", "T1+C 3D", "3D T1 C+", "T1W_3D_TFE_GD", "sT1W_3D_TFE GAD", "MPRAGE_POST", "T1 3D post",
+     "t1_mprage_sag_CE", "3D T1 contrast", "T1_3D_TFE_postGd", "MPRAGE Gadovist", "T1 3D KM"],
+)
+def test_contrast_markers_in_the_name_are_refused(name):
+    decision = select_series(with_(series_description=name, protocol_name=None))
+    assert not decision.accepted
+    assert decision.reason.startswith("post-contrast series: series description")
+    assert name in decision.reason
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["T1W_3D_TFE", "sT1W_3D_TFE_SENSE", "WIP cs_T1W_3D_TFE", "t1_mprage_sag_p2_iso", "Sag 3D BRAVO", "3D SPGR",
+     "T1 3D pre Gd", "3D T1 precontrast", "T1 3D non contrast", "MPRAGE post-op"],
+)
+def test_native_names_are_not_contrast_markers(name):
+    decision = select_series(with_(series_description=name, protocol_name=None))
+    assert decision.accepted, decision.reason
+
+
+def test_contrast_marker_in_the_protocol_name_is_refused():
+    decision = select_series(with_(series_description="T1W_3D_TFE", protocol_name="T1W_3D_TFE_GD"))
+    assert not decision.accepted
+    assert "protocol name 'T1W_3D_TFE_GD'" in decision.reason and "'GD'" in decision.reason
+
+
+def test_contrast_bolus_agent_is_refused():
+    decision = select_series(with_(contrast_agent="GADOVIST"))
+    assert decision == Decision(
+        False, "post-contrast series: Contrast/Bolus Agent is 'GADOVIST' (the model expects a native T1)")
+
+
+@pytest.mark.parametrize("agent", [None, "", "NONE", "none", "-"])
+def test_empty_or_none_contrast_agent_is_native(agent):
+    assert select_series(with_(contrast_agent=agent)).accepted
+
+
+def test_contrast_rule_can_be_switched_off():
+    rules = SelectionRules(refuse_contrast=False)
+    assert select_series(with_(contrast_agent="Gd", series_description="MPRAGE_POST"), rules).accepted
+
+
+def test_header_carries_the_contrast_agent(small_series):
+    series_dir, _ = small_series
+    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(series_dir.iterdir())]
+    assert header_from_datasets(datasets).contrast_agent is None
+    datasets[0].ContrastBolusAgent = "Dotarem"
+    header = header_from_datasets(datasets)
+    assert header.contrast_agent == "Dotarem"
+    assert "Contrast/Bolus Agent is 'Dotarem'" in select_series(header).reason
+
+
+def test_header_carries_an_enhanced_contrast_agent_sequence():
+    ds = Dataset()
+    ds.Modality = "MR"
+    item = Dataset()
+    item.CodeValue = "C-B0317"
+    item.CodeMeaning = "Gadolinium"
+    ds.ContrastBolusAgentSequence = [item]
+    assert header_from_datasets([ds]).contrast_agent == "Gadolinium"
+
+
+def test_dispatch_refuses_a_spooled_post_contrast_series(tmp_path):
+    """The header dispatch reads from the spool carries ContrastBolusAgent through to the decision."""
+    from sqlalchemy import create_engine
+
+    from model.synth import write_classic_series
+    from node.dispatch import Dispatcher
+    from node.header import header_from_dataset, instance_record
+    from storage.jobs import JobQueue
+    from storage.models import Base
+    from storage.spool import Spool, SpoolKey
+    from storage.store import JobStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_classic_series(src, slices=120, rows=16, columns=16, seed=5)
+    spool = Spool(tmp_path / "spool")
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    Base.metadata.create_all(engine)
+    store = JobStore(engine)
+    for path in sorted(src.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.ContrastBolusAgent = "GADOVIST"
+        rec = instance_record(header_from_dataset(ds), ds.SOPClassUID, ds.file_meta.TransferSyntaxUID, 1, "SCANNER")
+        target = spool.root / SpoolKey(rec.study_instance_uid, rec.series_instance_uid, rec.sop_instance_uid).relative_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+        store.record_instance(rec, replaced_content=False)
+    [snapshot] = store.receiving_series()
+    assert store.mark_complete(snapshot, "test")
+    queue = JobQueue(engine)
+    assert Dispatcher(queue, spool).run() == 1
+    view = store.get_series(snapshot.series_instance_uid)
+    assert view.state == "skipped"
+    assert "Contrast/Bolus Agent is 'GADOVIST'" in view.reason

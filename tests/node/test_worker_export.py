@@ -13,7 +13,7 @@ from node.config import ExportSection
 from node.export import Exporter, backoff_seconds, classify_status
 from node.service import NodeService
 from node.worker import Worker
-from tests.peers import free_port, wait_until
+from tests.peers import free_port, scu_store, wait_until
 
 
 @pytest.fixture
@@ -38,14 +38,8 @@ def t1(tmp_path_factory):
 
 
 def send(port: int, paths) -> None:
-    ae = AE(ae_title="SCANNER")
-    ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MIGNODE")
-    assert assoc.is_established
-    try:
-        assert all(assoc.send_c_store(p).Status == 0 for p in paths)
-    finally:
-        assoc.release()
+    """The series' files, read and sent by pynetdicom proposing MR Image Storage; every one stored."""
+    assert all(status == 0 for status in scu_store(port, *paths, contexts=[MRImageStorage], chunked=False))
 
 
 def queued(svc, series_uid):
@@ -181,6 +175,10 @@ def t1_late(tmp_path_factory):
     out = tmp_path_factory.mktemp("t1-late")
     series = write_series(out, slices=101, rows=48, columns=48, spacing=1.5, seed=5)
     *first, late = sorted(out.iterdir())
+    for path in (*first, late):  # a sender that does not announce its count: the idle rule completes it
+        ds = pydicom.dcmread(path)
+        del ds.ImagesInAcquisition
+        ds.save_as(path, enforce_file_format=True)
     return first, late, series
 
 
@@ -230,3 +228,158 @@ def test_a_job_superseded_while_classifying_is_never_exported(service, t1_late):
         assert v1["sr_sop_instance_uid"] != view.sr_sop_instance_uid
     finally:
         pacs.close()
+
+
+# ---- export: warnings are stored, errors are recorded, a dead PACS does not flood the log ----------------------
+
+def _pending_delivery(tmp_path, destinations=("pacs",)):
+    """A real SQLite queue holding one classified job with a pending delivery of a small SR file."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from storage.db import make_engine, sqlite_url
+    from storage.jobs import JobQueue, ResultFile
+    from storage.store import InstanceRecord, JobStore
+
+    store = JobStore(make_engine(sqlite_url(tmp_path / "node.db")))
+    store.record_instance(InstanceRecord("1.2", "1.2.3", "1.2.3.1", MRImageStorage, ExplicitVRLittleEndian,
+                                         "1.2/1.2.3/1.2.3.1.dcm", 100), replaced_content=False)
+    [snapshot] = store.receiving_series()
+    assert store.mark_complete(snapshot, "test")
+    queue = JobQueue(store.engine)
+    [(job_id, _)] = queue.awaiting_selection()
+    queue.selected(job_id, True, "test")
+    claimed = queue.claim()
+
+    sr = Dataset()
+    sr.SOPClassUID, sr.SOPInstanceUID = ComprehensiveSRStorage, generate_uid()
+    sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.Modality = "1.2", generate_uid(), "SR"
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.MediaStorageSOPClassUID, sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPClassUID, sr.SOPInstanceUID
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    obj = ResultFile("sr", ComprehensiveSRStorage, sr.SeriesInstanceUID, sr.SOPInstanceUID, str(path))
+    result = {"objects": [obj], "probability": 0.7, "label": "responder", "model_id": "m", "device": "cpu",
+              "synthetic": True, "timings": {}, "sr_sop_instance_uid": sr.SOPInstanceUID, "sr_path": str(path)}
+    assert queue.finish(claimed.job_id, result, list(destinations))
+    return store, queue
+
+
+def _exporter(queue, port, **section):
+    from node.config import Destination
+
+    section = {"retry_initial_seconds": 60, "retry_max_seconds": 60, "max_attempts": 5, "timeout_seconds": 3,
+               **section}
+    return Exporter(queue, [Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)], "MIGNODE",
+                    ExportSection(**section))
+
+
+def _make_due(store):
+    from sqlalchemy import update
+
+    from storage.models import Delivery
+
+    with store.engine.begin() as conn:
+        conn.execute(update(Delivery).values(next_attempt_at=0))
+
+
+def test_classify_status_warnings_mean_stored():
+    for status in (0xB000, 0xB006, 0xB007, 0x0001, 0x0107, 0x0116):
+        outcome = classify_status(status)
+        assert outcome.sent and "warning" in outcome.message, hex(status)
+    assert classify_status(0x0000).sent and "warning" not in classify_status(0x0000).message
+    assert classify_status(0x0110).permanent and not classify_status(0x0110).sent
+
+
+@pytest.mark.parametrize("status", [0x0107, 0x0116, 0x0001, 0xB007])
+def test_export_warning_status_is_delivered(tmp_path, status):
+    store, queue = _pending_delivery(tmp_path)
+    pacs = FlakyPacs([status])
+    try:
+        assert _exporter(queue, pacs.port).run_due() == 1
+    finally:
+        pacs.close()
+    view = store.get_series("1.2.3")
+    assert view.state == "delivered"
+    assert view.deliveries == [{"destination": "pacs", "state": "sent", "attempts": 1, "last_error": None}]
+    [sent] = store.get_series("1.2.3").sent_objects
+    assert sent["status"] == status
+
+
+def test_export_unexpected_error_is_recorded_with_backoff(tmp_path, monkeypatch):
+    import time
+
+    from node import export
+
+    store, queue = _pending_delivery(tmp_path)
+
+    def explode(self, *args, **kwargs):
+        raise KeyError("pynetdicom internals")
+
+    monkeypatch.setattr(export.AE, "associate", explode)
+    exporter = _exporter(queue, free_port())
+    assert exporter.run_due() == 1  # nothing escapes to the scheduler
+    [delivery] = store.get_series("1.2.3").deliveries
+    assert delivery["state"] == "pending" and delivery["attempts"] == 1
+    assert "KeyError" in delivery["last_error"] and "pynetdicom internals" in delivery["last_error"]
+    assert queue.due_deliveries(time.time()) == []  # backed off, not retried on the next 0.25 s tick
+    assert exporter.run_due() == 0
+
+
+def test_export_unreachable_pacs_does_not_flood_the_log(tmp_path, caplog):
+    import logging
+
+    store, queue = _pending_delivery(tmp_path)
+    exporter = _exporter(queue, free_port())
+    caplog.set_level(logging.DEBUG, logger="node.export")
+    for _ in range(4):
+        _make_due(store)
+        assert exporter.run_due() == 1
+    warnings = [r for r in caplog.records if r.name == "node.export" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "will be retried" in warnings[0].getMessage()
+    [delivery] = store.get_series("1.2.3").deliveries
+    assert delivery["attempts"] == 4 and "cannot connect" in delivery["last_error"]
+
+
+# ---- selection: an error is a recorded failure, never a silent skip ----------------------------------------------
+
+def test_dispatch_error_fails_the_job_with_its_reason(tmp_path):
+    from node.dispatch import Dispatcher
+    from storage.db import make_engine, sqlite_url
+    from storage.jobs import JobQueue
+    from storage.spool import Spool
+    from storage.store import InstanceRecord, JobStore
+
+    store = JobStore(make_engine(sqlite_url(tmp_path / "node.db")))
+    # Recorded, but its header file is gone from the spool (disk trouble, manual clean-up).
+    store.record_instance(InstanceRecord("1.2", "1.2.3", "1.2.3.1", MRImageStorage, "1.2.840.10008.1.2.1",
+                                         "1.2/1.2.3/1.2.3.1.dcm", 100), replaced_content=False)
+    [snapshot] = store.receiving_series()
+    assert store.mark_complete(snapshot, "test")
+    queue = JobQueue(store.engine)
+    assert Dispatcher(queue, Spool(tmp_path / "spool")).run() == 1
+    view = store.get_series("1.2.3")
+    assert view.state == "failed"
+    assert view.reason.startswith("selection failed: ") and "1.2.3.1.dcm" in view.reason
+    assert queue.awaiting_selection() == []  # handled once, not retried every tick
+    assert queue.status()["series"] == {"failed": 1}
+
+
+# ---- SCP bookkeeping: the sender is on record before its instance's row is ---------------------------------------
+
+def test_scp_marks_the_sender_active_before_recording_the_instance(in_process_node, t1, monkeypatch):
+    """Else the tracker could see the expected count reached with no sender open, and complete the
+    series before the last file is in place or 0x0000 has gone back."""
+    series_dir, series = t1
+    svc = in_process_node()
+    seen = []
+    record_instance = svc.store.record_instance
+
+    def checked(rec, *args, **kwargs):
+        seen.append(svc.active.senders_active(rec.series_instance_uid))
+        return record_instance(rec, *args, **kwargs)
+
+    monkeypatch.setattr(svc.store, "record_instance", checked)
+    send(svc.port, sorted(series_dir.iterdir())[:3])
+    assert seen == [True, True, True]
