@@ -194,9 +194,8 @@ class JobQueue:
                 "not_before": None,
             }
             if job.state != SeriesState.CLASSIFYING or job.version != current:
-                conn.execute(update(Job).where(Job.id == job_id).values(
-                    state=SeriesState.SUPERSEDED, updated_at=now,
-                    reason=f"superseded by version {current} while classifying; not exported", **values))
+                self._supersede(conn, job_id, now, f"superseded by version {current} while classifying; not exported",
+                                **values)
                 return False
             if destinations:
                 reason = f"{result['label']} (p={result['probability']:.3f}); SR pending for {', '.join(destinations)}"
@@ -218,17 +217,31 @@ class JobQueue:
                 .join(Series, Series.series_instance_uid == Job.series_instance_uid).where(Job.id == job_id)).one()
             if state != SeriesState.CLASSIFYING:
                 return state  # superseded meanwhile: nothing to retry
-            if version != current:
-                conn.execute(update(Job).where(Job.id == job_id).values(
-                    state=SeriesState.SUPERSEDED, updated_at=now,
-                    reason=f"superseded by version {current} while classifying (attempt failed: {reason})"))
-                return SeriesState.SUPERSEDED
-            if attempts < max_attempts:
-                self._set_state(conn, job_id, SeriesState.QUEUED, now, reason=f"attempt {attempts} failed: {reason}",
-                                not_before=now + retry_seconds * attempts)
-                return SeriesState.QUEUED
-            self._set_state(conn, job_id, SeriesState.FAILED, now, reason=f"failed after {attempts} attempt(s): {reason}")
-            return SeriesState.FAILED
+            return self._retry_or_fail(conn, job_id, attempts, version, current, reason, max_attempts,
+                                       retry_seconds, now)
+
+    def _supersede(self, conn, job_id: int, now: float, reason: str, **values) -> None:  # noqa: ANN001, ANN003
+        """Only the job: its series has moved on to a newer version (so `_set_state` must not touch it)."""
+        conn.execute(update(Job).where(Job.id == job_id).values(
+            state=SeriesState.SUPERSEDED, updated_at=now, reason=reason, **values))
+
+    def _retry_or_fail(self, conn, job_id: int, attempts: int, version: int, current: int, cause: str,  # noqa: ANN001
+                       max_attempts: int, retry_seconds: float, now: float) -> str:
+        """A classifying job that ended without a result (error, or its worker died).
+
+        Superseded when a newer version of the series exists; otherwise queued
+        again after the retry delay, or `failed` once `max_attempts` are spent
+        (the attempt was counted at claim).
+        """
+        if version != current:
+            self._supersede(conn, job_id, now, f"superseded by version {current} while classifying ({cause})")
+            return SeriesState.SUPERSEDED
+        if attempts < max_attempts:
+            self._set_state(conn, job_id, SeriesState.QUEUED, now, reason=f"attempt {attempts} failed: {cause}",
+                            not_before=now + retry_seconds * attempts)
+            return SeriesState.QUEUED
+        self._set_state(conn, job_id, SeriesState.FAILED, now, reason=f"failed after {attempts} attempt(s): {cause}")
+        return SeriesState.FAILED
 
     def requeue_interrupted(self, now: float | None = None) -> int:
         """Jobs left `classifying` by a crash go back to `queued`, or are superseded (run at start-up)."""
@@ -241,9 +254,8 @@ class JobQueue:
             ).all()
             for row in rows:
                 if row.version < row.current:
-                    conn.execute(update(Job).where(Job.id == row.id).values(
-                        state=SeriesState.SUPERSEDED, updated_at=now,
-                        reason=f"superseded by version {row.current}; interrupted run not resumed"))
+                    self._supersede(conn, row.id, now,
+                                    f"superseded by version {row.current}; interrupted run not resumed")
                 else:
                     self._set_state(conn, row.id, SeriesState.QUEUED, now, reason="requeued after an interrupted run")
             return len(rows)
@@ -415,9 +427,8 @@ class JobQueue:
     # ---- supervision --------------------------------------------------------
     def requeue_jobs_of(self, worker_pid: int, max_attempts: int, retry_seconds: float, cause: str,
                         now: float | None = None) -> list[tuple[int, str]]:
-        """Jobs a dead worker process left `classifying`: the attempt counts (it was counted
-        at claim), so each goes back to `queued` after the retry delay, or to `failed` once
-        `max_attempts` are spent. Returns (job id, new state) pairs."""
+        """Jobs a dead worker process left `classifying`, treated as a failed attempt
+        (`_retry_or_fail`). Returns (job id, new state) pairs."""
         now = _now(now)
         out: list[tuple[int, str]] = []
         with self.engine.begin() as conn:
@@ -427,18 +438,6 @@ class JobQueue:
                 .where(Job.state == SeriesState.CLASSIFYING, Job.reason == claimed_by(worker_pid))
             ).all()
             for row in rows:
-                if row.version < row.current:
-                    conn.execute(update(Job).where(Job.id == row.id).values(
-                        state=SeriesState.SUPERSEDED, updated_at=now,
-                        reason=f"superseded by version {row.current}; {cause}"))
-                    out.append((row.id, SeriesState.SUPERSEDED))
-                elif row.attempts < max_attempts:
-                    self._set_state(conn, row.id, SeriesState.QUEUED, now,
-                                    reason=f"attempt {row.attempts} failed: {cause}",
-                                    not_before=now + retry_seconds * row.attempts)
-                    out.append((row.id, SeriesState.QUEUED))
-                else:
-                    self._set_state(conn, row.id, SeriesState.FAILED, now,
-                                    reason=f"failed after {row.attempts} attempt(s): {cause}")
-                    out.append((row.id, SeriesState.FAILED))
+                out.append((row.id, self._retry_or_fail(conn, row.id, row.attempts, row.version, row.current, cause,
+                                                        max_attempts, retry_seconds, now)))
         return out
