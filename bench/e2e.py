@@ -8,13 +8,18 @@ Prints the split: completion wait, load+assemble, preprocess, inference, SR
 build, send (everything else: selection, queueing, C-STORE to Orthanc), and
 the share of everything but inference and the completion wait.
 
-    .venv/bin/python bench/e2e.py [--runs 1]
+`--runtime` is the node's `[model] runtime` (auto, torch, onnxruntime, openvino).
+Each run starts a fresh node and sends once its worker says it is ready (model
+loaded, warm-up done), so start-up is never part of the measured path.
+
+    .venv/bin/python bench/e2e.py [--runs 1] [--runtime auto]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -32,6 +37,12 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+def used_runtime(log: str, requested: str) -> str:
+    """The runtime the worker loaded the model on (its log says "loaded on cpu (openvino)")."""
+    found = re.findall(r"loaded on \S+ \((\w+)\)", log)
+    return found[-1] if found else requested
+
+
 def iso_seconds(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
@@ -39,6 +50,8 @@ def iso_seconds(text: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnxruntime", "openvino"),
+                        help="[model] runtime of the node (default: auto)")
     args = parser.parse_args()
 
     import torch
@@ -60,11 +73,13 @@ def main() -> None:
                 series = write_series(root / f"series{run}", seed=run)
                 node = NodeProcess.write_config(
                     _mkdir(root / f"node{run}"), idle_seconds=10,
-                    workers=1, checkpoint=ckpt,
+                    workers=1, checkpoint=ckpt, runtime=args.runtime,
                     destinations=[{"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port}],
                 ).start()
                 try:
-                    time.sleep(8)  # let the worker process import torch and settle
+                    # The worker loads the model (an ONNX export and compile for the CPU runtimes) and warms up.
+                    wait_until(lambda: "worker ready" in node.log_text(), timeout=900, interval=0.2,
+                               what="the worker to be ready")
                     result = storescu(root / f"series{run}", node.port)
                     acknowledged = time.time()
                     assert result.returncode == 0, result.stderr
@@ -82,6 +97,7 @@ def main() -> None:
                 report = timings["report"] + timings["write"]
                 send = total - completion - load - timings["preprocess"] - timings["inference"] - report
                 print(f"run {run + 1}: total_ms={total:.0f}")
+                print(f"  runtime={used_runtime(node.log_text(), args.runtime)}")
                 print(f"  completion_wait_ms={max(completion, 0):.0f}")
                 print(f"  load_assemble_ms={load:.0f}")
                 print(f"  preprocess_ms={timings['preprocess']:.0f}")

@@ -143,17 +143,43 @@ def _likelihood_ratio(num: float, den: float) -> float:
     return num / den
 
 
+def youden_midpoint(labels, scores) -> float:
+    """Midpoint of the interval of thresholds that all reach Youden's maximum.
+
+    `youden_cutoff` returns the interval's upper end (a held-out score itself),
+    which a new responder scoring a hair lower would fall below; the midpoint
+    has the same sensitivity and specificity on the set it was chosen on.
+    """
+    upper = float(youden_cutoff(labels, scores))
+    below = [float(s) for s in scores if s < upper]
+    return (upper + max(below)) / 2 if below else upper
+
+
 def binary_metrics(labels, scores, cutoff: float | None = None, alpha: float = 0.05) -> BinaryMetrics:
     """All reported metrics at one cutoff (the Youden cutoff when none is given)."""
     y, s = _validate(labels, scores)
-    auc, low, high = delong_ci(y, s, alpha)
-    _, var = delong_auc_variance(y, s)
     if cutoff is None:
         cutoff = youden_cutoff(y, s)
     cutoff = float(cutoff)
     if math.isnan(cutoff):
         raise ValueError("cutoff must not be NaN")
-    pred = s >= cutoff
+    return _metrics_of(y, s, s >= cutoff, cutoff, alpha)
+
+
+def binary_metrics_per_row_cutoff(labels, scores, cutoffs, alpha: float = 0.05) -> BinaryMetrics:
+    """Metrics where each row is labelled at its own cutoff (pooled out-of-fold predictions,
+    each at its fold's validation cutoff); the AUC is that of the pooled scores. `cutoff` is
+    NaN in the result: there is no single one."""
+    y, s = _validate(labels, scores)
+    c = np.asarray(cutoffs, dtype=float)
+    if c.shape != s.shape or not np.isfinite(c).all():
+        raise ValueError("cutoffs must be finite, one per score")
+    return _metrics_of(y, s, s >= c, math.nan, alpha)
+
+
+def _metrics_of(y: np.ndarray, s: np.ndarray, pred: np.ndarray, cutoff: float, alpha: float) -> BinaryMetrics:
+    auc, low, high = delong_ci(y, s, alpha)
+    _, var = delong_auc_variance(y, s)
     tp = int(np.sum(pred & (y == 1)))
     fp = int(np.sum(pred & (y == 0)))
     tn = int(np.sum(~pred & (y == 0)))
@@ -182,8 +208,11 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def format_table(metrics: BinaryMetrics, title: str = "") -> str:
-    """A plain-text table in the layout of the paper's Table 2, two decimals."""
+def format_table(metrics: BinaryMetrics, title: str = "", cutoff_text: str | None = None) -> str:
+    """A plain-text table in the layout of the paper's Table 2, two decimals.
+
+    `cutoff_text` replaces the cutoff's value (e.g. "each fold's own").
+    """
     m = metrics
     level = f"{m.ci_level * 100:g}%"
     rows = [
@@ -194,7 +223,7 @@ def format_table(metrics: BinaryMetrics, title: str = "") -> str:
         ("F1 (macro)", _fmt(m.f1)),
         ("PLR", _fmt(m.plr)),
         ("NLR", _fmt(m.nlr)),
-        ("Cutoff", _fmt(m.cutoff)),
+        ("Cutoff", cutoff_text or _fmt(m.cutoff)),
         ("Sensitivity", _fmt(m.sensitivity)),
         ("Specificity", _fmt(m.specificity)),
         ("PPV", _fmt(m.ppv)),
@@ -210,8 +239,13 @@ def format_table(metrics: BinaryMetrics, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def plot_roc(labels, scores, path, title: str = "ROC", *, cutoff: float | None = None) -> None:
-    """Write the ROC curve as a PNG, with the AUC, its CI and the cutoff point marked."""
+def plot_roc(labels, scores, path, title: str = "ROC", *, cutoff: float | None = None,
+             operating_point: BinaryMetrics | None = None, point_label: str | None = None) -> None:
+    """Write the ROC curve as a PNG, with the AUC, its CI and the cutoff point marked.
+
+    `operating_point` marks metrics computed elsewhere (e.g. each row at its
+    own fold's cutoff) instead of those at `cutoff`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,7 +253,7 @@ def plot_roc(labels, scores, path, title: str = "ROC", *, cutoff: float | None =
     from matplotlib.figure import Figure
 
     fpr, tpr, _ = roc_curve(labels, scores)
-    met = binary_metrics(labels, scores, cutoff=cutoff)
+    met = operating_point or binary_metrics(labels, scores, cutoff=cutoff)
     fig = Figure(figsize=(5, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -228,8 +262,106 @@ def plot_roc(labels, scores, path, title: str = "ROC", *, cutoff: float | None =
         f"AUC = {_fmt(met.auc)} ({met.ci_level * 100:g}% CI "
         f"{_fmt(met.auc_ci_low)}-{_fmt(met.auc_ci_high)})"))
     ax.plot([1 - met.specificity], [met.sensitivity], marker="o", color="tab:red",
-            linestyle="none", label=f"Cutoff {_fmt(met.cutoff)}")
+            linestyle="none", label=point_label or f"Cutoff {_fmt(met.cutoff)}")
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="1 - Specificity", ylabel="Sensitivity", title=title)
     ax.set_aspect("equal")
     ax.legend(loc="lower right")
+    fig.savefig(Path(path), format="png")
+
+
+def brier_score(labels, probabilities) -> float:
+    """Mean squared difference between the responder probability and the outcome (0 is perfect)."""
+    y, p = _validate_probabilities(labels, probabilities)
+    return float(np.mean((p - y) ** 2))
+
+
+def _validate_probabilities(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels)
+    p = np.asarray(probabilities, dtype=float)
+    if y.ndim != 1 or y.shape != p.shape or y.size == 0:
+        raise ValueError("labels and probabilities must be one-dimensional, non-empty and of equal length")
+    if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (non-responder) or 1 (responder)")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise ValueError("probabilities must lie within 0..1")
+    return y.astype(float), p
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    """One equal-count bin of the reliability diagram."""
+
+    n: int
+    mean_probability: float
+    observed_fraction: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Brier score, the Brier score of always predicting the prevalence (the bar to beat) and bins."""
+
+    n: int
+    brier: float
+    brier_prevalence: float
+    prevalence: float
+    bins: tuple[ReliabilityBin, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "n": self.n,
+            "brier": round(self.brier, 6),
+            "brier_prevalence_predictor": round(self.brier_prevalence, 6),
+            "prevalence": round(self.prevalence, 6),
+            "reliability_bins": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(b).items()}
+                                 for b in self.bins],
+            "bins": "equal-count bins of the sorted probabilities",
+        }
+
+
+def calibration(labels, probabilities, n_bins: int | None = None) -> Calibration:
+    """Calibration summary; by default about five rows per bin, at most ten bins.
+
+    Equal-count bins (not equal-width): with tens of rows, fixed-width bins
+    leave most of them empty and a few holding everything.
+    """
+    y, p = _validate_probabilities(labels, probabilities)
+    if n_bins is None:
+        n_bins = max(1, min(10, y.size // 5))
+    n_bins = max(1, min(int(n_bins), y.size))
+    order = np.argsort(p, kind="stable")
+    bins = tuple(
+        ReliabilityBin(n=int(idx.size), mean_probability=float(p[idx].mean()), observed_fraction=float(y[idx].mean()),
+                       low=float(p[idx].min()), high=float(p[idx].max()))
+        for idx in np.array_split(order, n_bins)
+    )
+    prevalence = float(y.mean())
+    return Calibration(n=int(y.size), brier=float(np.mean((p - y) ** 2)),
+                       brier_prevalence=prevalence * (1 - prevalence), prevalence=prevalence, bins=bins)
+
+
+def plot_reliability(cal: Calibration, path, title: str = "Reliability") -> None:
+    """Observed responder fraction against mean predicted probability per bin, counts written beside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="Perfect calibration")
+    xs = [b.mean_probability for b in cal.bins]
+    ys = [b.observed_fraction for b in cal.bins]
+    ax.plot(xs, ys, marker="o", color="tab:blue", label=(
+        f"Brier {cal.brier:.3f} (prevalence predictor {cal.brier_prevalence:.3f})"))
+    for b in cal.bins:
+        ax.annotate(f"n={b.n}", (b.mean_probability, b.observed_fraction), textcoords="offset points",
+                    xytext=(4, -10), fontsize=8)
+    ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="Mean predicted probability of response",
+           ylabel="Observed fraction of responders", title=title)
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left")
     fig.savefig(Path(path), format="png")

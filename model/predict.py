@@ -1,7 +1,8 @@
 """Tensor -> `Prediction`, on CUDA when present (autocast) or the CPU.
 
 `Predictor` keeps one model loaded for the life of a worker process; the node
-builds it once and calls `predict_volume` per job.
+builds it once and calls `predict_volume` per job. Which runtime computes the
+forward pass (torch, OpenVINO, ONNX Runtime) is model/runtime.py's choice.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import torch
 
 from model.checkpoint import ModelInfo, load_checkpoint
 from model.preprocess import build_transform, preprocess
+from model.runtime import RUNTIMES, Runtime, autocast_dtype, load_runtime
 from model.volume import Volume
+
+__all__ = ["RUNTIMES", "Prediction", "Predictor", "autocast_dtype", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class Prediction:
     device: str
     ms: float  # inference only (preprocessing excluded)
     synthetic: bool
+    runtime: str = "torch"  # "torch" | "onnxruntime" | "openvino": what computed the forward pass
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -40,21 +45,17 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16; None on CPU (fp32 there)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 class Predictor:
-    def __init__(self, checkpoint: Path, device: str = "auto") -> None:
+    def __init__(self, checkpoint: Path, device: str = "auto", runtime: str = "auto",
+                 cache_dir: Path | None = None) -> None:
+        """`runtime`: see model/runtime.py; `cache_dir` keeps ONNX exports across starts (None: a temp dir)."""
         self.device = resolve_device(device)
         model, self.info = load_checkpoint(checkpoint, map_location="cpu")
-        # channels-last-3d: 24% faster forward pass on CPU at the paper's size (bench/infer.py).
-        self.model = model.to(self.device, memory_format=torch.channels_last_3d).eval()
+        self.runtime: Runtime = load_runtime(runtime, model, self.info, self.device,
+                                             cache_dir=Path(cache_dir) if cache_dir is not None else None,
+                                             device_requested=device)
+        self.device = self.runtime.device
         self.transform = build_transform(self.info.input_spec)
-        self._amp = autocast_dtype(self.device)
 
     @property
     def model_info(self) -> ModelInfo:
@@ -63,16 +64,8 @@ class Predictor:
     def predict_tensor(self, tensor: torch.Tensor) -> Prediction:
         """`tensor`: (1, D, H, W) preprocessed input."""
         started = time.perf_counter()
-        batch = tensor.unsqueeze(0).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)
-        with torch.inference_mode():
-            if self._amp is not None:
-                with torch.autocast(device_type="cuda", dtype=self._amp):
-                    logits = self.model(batch)
-            else:
-                logits = self.model(batch)
-            probability = float(torch.softmax(logits.float(), dim=1)[0, 1])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        logits = self.runtime.logits(tensor.unsqueeze(0))
+        probability = float(torch.softmax(logits.float(), dim=1)[0, 1])
         ms = (time.perf_counter() - started) * 1000
         label = self.info.labels[1] if probability >= self.info.cutoff else self.info.labels[0]
         return Prediction(
@@ -83,6 +76,7 @@ class Predictor:
             device=self.device.type,
             ms=round(ms, 1),
             synthetic=self.info.synthetic,
+            runtime=self.runtime.name,
         )
 
     def preprocess(self, volume: Volume) -> torch.Tensor:

@@ -15,6 +15,7 @@ meaning whatsoever.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ SYNTHETIC_NOTE = "SYNTHETIC PHANTOM - NOT PATIENT DATA"
 SERIES_DESCRIPTION = "T1W_3D_TFE"
 FEATURE_CENTER_MM = np.array([0.0, -18.0, 12.0])  # LPS
 FEATURE_RADII_MM = np.array([9.0, 12.0, 9.0])
+EDGE_MM = 0.5  # narrowest soft edge of a structure (tanh scale, mm): an MR image is band-limited
 
 
 def _rotation_x(degrees: float) -> np.ndarray:
@@ -53,6 +55,8 @@ class Subject:
     gain: float = 1.0
     responder: bool = False
     noise: float = 12.0
+    # Opacity of the planted feature (responders only): below 1 a borderline case for tests.
+    feature_strength: float = 1.0
 
     @classmethod
     def random(cls, rng: np.random.Generator, responder: bool) -> Subject:
@@ -64,25 +68,42 @@ class Subject:
         )
 
 
-def head_intensity(points_lps: np.ndarray, subject: Subject, rng: np.random.Generator) -> np.ndarray:
-    """Stored T1-like values (0-4095) at patient-space points of shape (..., 3)."""
+def head_intensity(
+    points_lps: np.ndarray, subject: Subject, rng: np.random.Generator, edge_mm: float = EDGE_MM
+) -> np.ndarray:
+    """Stored T1-like values (0-4095) at patient-space points of shape (..., 3).
+
+    `edge_mm`: width of every structure's soft edge; an acquisition at coarser
+    voxels sees wider edges (synthetic_volume passes half its spacing).
+    """
     p = (points_lps - np.asarray(subject.shift_mm)) / subject.scale
     x, y, z = p[..., 0], p[..., 1], p[..., 2]
 
     def inside(c: tuple[float, float, float], r: tuple[float, float, float]) -> np.ndarray:
-        return ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1
+        """How much of the point lies inside the ellipsoid (0..1), with a ~1 mm soft edge.
+
+        An MR image is band-limited (it is reconstructed from k-space); a hard
+        edge sampled at points would alias, so the same head sampled at another
+        slice position or angle would hold a different amount of each structure.
+        """
+        radius = np.sqrt(((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2)
+        distance_mm = (radius - 1.0) * (sum(r) / 3)  # approximate signed distance to the surface
+        return 0.5 * (1.0 - np.tanh(distance_mm / edge_mm))
+
+    def paint(c: tuple[float, float, float], r: tuple[float, float, float], value: float, opacity: float = 1.0) -> None:
+        weight = inside(c, r) * opacity
+        img[...] = img * (1.0 - weight) + value * weight
 
     img = np.zeros(x.shape, dtype=np.float32)
-    img[inside((0, 0, 0), (76, 96, 86))] = 320  # scalp
-    img[inside((0, 0, 0), (70, 90, 80))] = 80  # skull / CSF rim
-    img[inside((0, 0, 2), (66, 86, 74))] = 560  # grey matter
-    img[inside((0, 2, 6), (50, 68, 54))] = 860  # white matter
+    paint((0, 0, 0), (76, 96, 86), 320)  # scalp
+    paint((0, 0, 0), (70, 90, 80), 80)  # skull / CSF rim
+    paint((0, 0, 2), (66, 86, 74), 560)  # grey matter
+    paint((0, 2, 6), (50, 68, 54), 860)  # white matter
     for side in (-1, 1):  # lateral ventricles
-        img[inside((side * 9, -4, 14), (6, 26, 9))] = 110
-    img[inside((0, 38, -38), (16, 14, 12))] = 600  # cerebellum
+        paint((side * 9, -4, 14), (6, 26, 9), 110)
+    paint((0, 38, -38), (16, 14, 12), 600)  # cerebellum
     if subject.responder:
-        centre = FEATURE_CENTER_MM
-        img[inside(tuple(centre), tuple(FEATURE_RADII_MM))] = 1250
+        paint(tuple(FEATURE_CENTER_MM), tuple(FEATURE_RADII_MM), 1250, subject.feature_strength)
     img *= subject.gain
     img += rng.normal(0, subject.noise, img.shape).astype(np.float32)
     return np.clip(img, 0, 4095)
@@ -96,29 +117,40 @@ class SyntheticSeries:
     paths: tuple[Path, ...]
 
 
-def _geometry(orientation: str, slices: int, rows: int, columns: int, spacing: float):
+def _geometry(orientation: str, slices: int, rows: int, columns: int, spacing: float,
+              fov_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)):
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation must be one of {', '.join(ORIENTATIONS)}")
     row_dir, col_dir = ORIENTATIONS[orientation]
     normal = np.cross(row_dir, col_dir)
-    # First voxel centre such that the field of view is centred on the patient origin.
+    # First voxel centre such that the field of view is centred on the patient origin, moved by
+    # `fov_offset_mm` (LPS), as a technologist places the box by hand.
     origin = -spacing * (row_dir * (columns - 1) + col_dir * (rows - 1) + normal * (slices - 1)) / 2
-    return row_dir, col_dir, normal, origin
+    return row_dir, col_dir, normal, origin + np.asarray(fov_offset_mm, dtype=np.float64)
+
+
+Intensity = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+"""Stored values at patient-space LPS points of shape (..., 3): another head than the phantom."""
 
 
 def synthetic_volume(
-    slices: int, rows: int, columns: int, spacing: float, orientation: str, subject: Subject, seed: int
+    slices: int, rows: int, columns: int, spacing: float, orientation: str, subject: Subject, seed: int,
+    fov_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0), intensity: Intensity | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(uint16 array of shape (slices, rows, columns), positions of each slice)."""
     rng = np.random.default_rng(seed)
-    row_dir, col_dir, normal, origin = _geometry(orientation, slices, rows, columns, spacing)
+    row_dir, col_dir, normal, origin = _geometry(orientation, slices, rows, columns, spacing, fov_offset_mm)
     r = np.arange(rows)[:, None, None] * spacing * col_dir
     c = np.arange(columns)[None, :, None] * spacing * row_dir
     plane = r + c  # (rows, columns, 3)
     out = np.empty((slices, rows, columns), dtype=np.float32)
     positions = np.array([origin + normal * spacing * k for k in range(slices)])
     for k in range(slices):
-        out[k] = head_intensity(plane + positions[k], subject, rng)
+        points = plane + positions[k]
+        if intensity is None:
+            out[k] = head_intensity(points, subject, rng, edge_mm=max(EDGE_MM, 0.5 * spacing))
+        else:
+            out[k] = intensity(points, rng)
     # Partial-volume blur (~1.2 mm FWHM): real images have no perfectly sharp edges.
     out = ndimage.gaussian_filter(out, sigma=0.5 / spacing)
     return np.clip(out, 0, 4095).astype(np.uint16), positions
@@ -126,14 +158,16 @@ def synthetic_volume(
 
 def synthetic_volume_object(
     subject: Subject, seed: int, spacing: float = 2.0, shape: tuple[int, int, int] = (90, 128, 128),
-    orientation: str = "sag",
+    orientation: str = "sag", fov_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    intensity: Intensity | None = None,
 ):
     """The phantom as an in-memory `model.volume.Volume` (no DICOM): fast training data."""
     from model.volume import Volume
 
     slices, rows, columns = shape
-    array, positions = synthetic_volume(slices, rows, columns, spacing, orientation, subject, seed)
-    row_dir, col_dir, normal, origin = _geometry(orientation, slices, rows, columns, spacing)
+    array, positions = synthetic_volume(slices, rows, columns, spacing, orientation, subject, seed, fov_offset_mm,
+                                        intensity)
+    row_dir, col_dir, normal, origin = _geometry(orientation, slices, rows, columns, spacing, fov_offset_mm)
     affine = np.eye(4)
     affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = normal * spacing, col_dir * spacing, row_dir * spacing, origin
     return Volume(array.astype(np.float32) * 1.25, affine, (spacing,) * 3, None, None, ())
@@ -202,6 +236,8 @@ def write_series(
     study_instance_uid: str | None = None,
     series_description: str = SERIES_DESCRIPTION,
     patient_id: str | None = None,
+    fov_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    intensity: Intensity | None = None,
 ) -> SyntheticSeries:
     """Write one synthetic 3D T1 series into `out_dir` (shuffled InstanceNumbers).
 
@@ -211,8 +247,9 @@ def write_series(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     subject = subject or Subject(responder=responder)
-    volume, positions = synthetic_volume(slices, rows, columns, spacing, orientation, subject, seed)
-    row_dir, col_dir, _, _ = _geometry(orientation, slices, rows, columns, spacing)
+    volume, positions = synthetic_volume(slices, rows, columns, spacing, orientation, subject, seed, fov_offset_mm,
+                                         intensity)
+    row_dir, col_dir, _, _ = _geometry(orientation, slices, rows, columns, spacing, fov_offset_mm)
     rng = np.random.default_rng(seed + 1)
     study_uid = study_instance_uid or generate_uid()
     series_uid = generate_uid()

@@ -111,6 +111,9 @@ class SeriesSection(_Section):
 class ModelSection(_Section):
     checkpoint: Path | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # What computes the forward pass (model/runtime.py): "auto" = torch on CUDA, else the fastest
+    # installed CPU runtime (OpenVINO), torch if that cannot run; or force one.
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
     # Without a checkpoint, `serve` uses the synthetic demo model; with [[destinations]] set it
     # refuses to start unless this says so, so demo results never reach a real PACS by accident.
     allow_synthetic_demo_model: bool = False

@@ -34,7 +34,8 @@ from storage.store import JobStore
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
-# Selection and export are cheap queries when idle; a short tick keeps them off the critical path.
+# Selection and export also run at once when woken (a series completed, a result is ready); the
+# tick is what catches the rest (retries, replays from the command line).
 FAST_TICK_SECONDS = 0.25
 # How long `stop` waits for a worker to finish its current job before killing it.
 # deploy/migraine-node.service's TimeoutStopSec must stay above this (tests/node/test_supervision.py).
@@ -96,6 +97,43 @@ def check_model(settings: Settings) -> None:
                           f"{sidecar.name})")
 
 
+class Stage:
+    """One step of the pipeline on its own thread: `func` runs every `seconds`, and at once when
+    `signal` (a threading or multiprocessing semaphore) is released.
+
+    Never two runs at a time; wake-ups that arrive during a run bring one more run right after
+    it. Exceptions are logged and the next tick retries.
+    """
+
+    def __init__(self, name: str, func, seconds: float, signal=None) -> None:  # noqa: ANN001
+        self.name, self.func, self.seconds = name, func, seconds
+        self.signal = signal if signal is not None else threading.Semaphore(0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        self.signal.release()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"stage-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            while self.signal.acquire(False):
+                pass  # every wake-up so far is served by this run
+            NodeService._guarded(self.name, self.func)
+            self.signal.acquire(timeout=self.seconds)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self.signal.release()
+            self._thread.join()
+            self._thread = None
+
+
 class NodeService:
     def __init__(self, settings: Settings, config_path: str | None = None, overrides: dict | None = None) -> None:
         self.settings = settings
@@ -119,6 +157,14 @@ class NodeService:
         self.queue = JobQueue(self.engine)
         self.dispatcher = Dispatcher(self.queue, self.spool)
         self.exporter = Exporter(self.queue, settings.destinations, settings.node.ae_title, settings.export)
+        # Released by serve once per queued job (a waiting worker takes it at once), and by a worker
+        # for each result to export; semaphores survive a worker killed while waiting on them.
+        self._work_ready = self._results_ready = None
+        if settings.worker.processes:
+            spawn = multiprocessing.get_context("spawn")
+            self._work_ready, self._results_ready = spawn.Semaphore(0), spawn.Semaphore(0)
+        self.selection = Stage("selection", self._select, FAST_TICK_SECONDS)
+        self.export = Stage("export", self.exporter.run_due, FAST_TICK_SECONDS, self._results_ready)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.ae = build_ae(settings)
         self._server = None
@@ -144,22 +190,19 @@ class NodeService:
         if requeued:
             log.warning("%d job(s) interrupted by a previous stop were queued again", requeued)
         node = self.settings.node
-        handlers = event_handlers(self.settings, self.ingest, self.active, self.tracker.association_ended)
+        handlers = event_handlers(self.settings, self.ingest, self.active, self._association_ended)
         try:
             self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
         except OSError as exc:
             raise NodeError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from None
         self.port = self._server.server_address[1]
-        for job_id, func, seconds in (
-            ("series-completion", self.tracker.tick, TICK_SECONDS),
-            ("selection", self.dispatcher.run, FAST_TICK_SECONDS),
-            ("export", self.exporter.run_due, FAST_TICK_SECONDS),
-        ):
-            self.scheduler.add_job(
-                self._guarded, "interval", args=[job_id, func], seconds=seconds, id=job_id,
-                max_instances=1, coalesce=True,
-            )
+        self.scheduler.add_job(
+            self._guarded, "interval", args=["series-completion", self._complete], seconds=TICK_SECONDS,
+            id="series-completion", max_instances=1, coalesce=True,
+        )
         self.scheduler.start()
+        self.selection.start()
+        self.export.start()
         self._start_workers()
         log.info(
             "migraine-node listening on %s:%d as %s (data_dir=%s)",
@@ -168,6 +211,22 @@ class NodeService:
             node.ae_title,
             self.settings.storage.data_dir,
         )
+
+    def _association_ended(self, series_instance_uids) -> None:  # noqa: ANN001
+        """A sender released: series that reached their expected count complete, and go to selection now."""
+        self.tracker.association_ended(series_instance_uids)
+        self.selection.wake()
+
+    def _complete(self) -> None:
+        if self.tracker.tick():
+            self.selection.wake()
+
+    def _select(self) -> None:
+        """Select what completed; a waiting worker takes each queued job at once."""
+        handled = self.dispatcher.run()
+        if self._work_ready is not None:
+            for _ in range(min(handled, self.settings.worker.processes)):
+                self._work_ready.release()
 
     @staticmethod
     def _guarded(name: str, func) -> None:  # noqa: ANN001
@@ -178,7 +237,8 @@ class NodeService:
 
     def _spawn_worker(self, index: int) -> multiprocessing.process.BaseProcess:
         process = multiprocessing.get_context("spawn").Process(
-            target=worker_main, args=self._config_source, name=f"migraine-node-worker-{index}", daemon=True
+            target=worker_main, args=(*self._config_source, self._work_ready, self._results_ready),
+            name=f"migraine-node-worker-{index}", daemon=True
         )
         process.start()
         return process
@@ -260,6 +320,8 @@ class NodeService:
             self._server = None
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        self.selection.stop()
+        self.export.stop()
         self._stop_workers()
         self.engine.dispose()
         log.info("migraine-node stopped")

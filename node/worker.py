@@ -13,6 +13,7 @@ import ctypes
 import fcntl
 import functools
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ from node.dimse_tuning import disable_pydicom_validation
 from node.logs import log_context, setup_logging
 from storage.db import make_engine
 from storage.jobs import ClaimedJob, JobQueue, ResultFile
-from storage.spool import Spool, SpoolKey
+from storage.spool import Spool, SpoolKey, read_spooled
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
@@ -54,9 +55,12 @@ def model_directory(settings: Settings, progress: bool = False) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / ".demo.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder when several workers start together
-        if not (directory / "model.json").exists():
+        stale = (directory / "model.json").exists() and not _demo_model_is_current(directory)
+        if stale or not (directory / "model.json").exists():
             message = (f"no [model] checkpoint configured: using the synthetic demo model, built once in {directory} "
                        "(about a minute on CPU)")
+            if stale:
+                message += "; the one there was built for an older preprocessing and is rebuilt"
             if progress:
                 print(message, flush=True)
             else:
@@ -69,20 +73,58 @@ def model_directory(settings: Settings, progress: bool = False) -> Path:
     return directory
 
 
+def _demo_model_is_current(directory: Path) -> bool:
+    """A demo model built before head-centred preprocessing (its input spec names no centring)
+    would be fed grids it was not trained on: it is rebuilt rather than used."""
+    try:
+        spec = json.loads((directory / "model.json").read_text()).get("input_spec", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(spec, dict) and spec.get("centring") == "head"
+
+
 def _without_pixels(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """A header view (shares element objects): the SR copies evidence attributes, never pixels."""
+    """A header view (shares element objects): the SR copies evidence attributes, never pixels.
+
+    Elements are taken as stored, so those still raw stay raw and are converted only
+    where the SR reads them (converting all of them cost ~65 ms per 170 slices).
+    """
     header = pydicom.Dataset()
-    for element in ds:
-        if element.tag != PIXEL_DATA:
-            header.add(element)
+    for tag, element in ds.items():
+        if tag != PIXEL_DATA:
+            header[tag] = element
     header.file_meta = ds.file_meta
     return header
 
 
+def _encode_results(datasets, prediction, info, identity, predecessor) -> dict:  # noqa: ANN001
+    """{"sr" | "image": (dataset, Part 10 bytes)}: the SR and the result image of one prediction."""
+    from node.report import build_sr, centre_image
+    from node.result_image import build_result_image
+
+    headers = [_without_pixels(ds) for ds in datasets]
+    centre, frame = centre_image(datasets)
+    pixels = centre.pixel_array if frame is None else centre.pixel_array[frame - 1]
+    sr = build_sr(headers, prediction, info, identity=identity, predecessor=predecessor, centre_pixels=pixels)
+    image = build_result_image(
+        pixels, _without_pixels(centre), prediction, info,
+        series_instance_uid=identity.image_series_instance_uid,
+        sop_instance_uid=identity.image_sop_instance_uid, referenced_frame_number=frame,
+    )
+    encoded = {}
+    for kind, ds in (("sr", sr), ("image", image)):
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        encoded[kind] = (ds, buffer.getvalue())
+    return encoded
+
+
 class Worker:
-    def __init__(self, settings: Settings, queue: JobQueue) -> None:
+    def __init__(self, settings: Settings, queue: JobQueue, results_ready=None) -> None:  # noqa: ANN001
+        """`results_ready` (a multiprocessing semaphore) is released when a result awaits export."""
         self.settings = settings
         self.queue = queue
+        self.results_ready = results_ready
         self.spool_root = settings.storage.spool_dir
         self.reports = Spool(settings.storage.data_dir / "sr")
         self.images = Spool(settings.storage.data_dir / "images")
@@ -94,9 +136,11 @@ class Worker:
         if self._predictor is None:
             from model.predict import Predictor
 
-            self._predictor = Predictor(model_directory(self.settings), device=self.settings.model.device)
-            log.info("model %s loaded on %s%s", self._predictor.info.model_id, self._predictor.device,
-                     " (SYNTHETIC demo model)" if self._predictor.info.synthetic else "")
+            self._predictor = Predictor(model_directory(self.settings), device=self.settings.model.device,
+                                        runtime=self.settings.model.runtime,
+                                        cache_dir=self.settings.storage.data_dir / "cache")
+            log.info("model %s loaded on %s (%s)%s", self._predictor.info.model_id, self._predictor.device,
+                     self._predictor.runtime.name, " (SYNTHETIC demo model)" if self._predictor.info.synthetic else "")
         return self._predictor
 
     def run_once(self) -> bool:
@@ -117,8 +161,6 @@ class Worker:
     def process(self, job: ClaimedJob) -> None:
         from model.volume import assemble_volume
         from node.identity import instance_content, result_identity, source_digest
-        from node.report import build_sr, centre_image
-        from node.result_image import build_result_image
 
         timings: dict[str, float] = {}
 
@@ -129,7 +171,7 @@ class Worker:
             timings[name] = round((time.perf_counter() - started) * 1000, 1)
 
         with stage("load"):
-            datasets = [pydicom.dcmread(self.spool_root / p) for p in job.instance_paths]
+            datasets = [read_spooled(self.spool_root / p) for p in job.instance_paths]
         with stage("assemble"):
             volume = assemble_volume(datasets)
         predictor = self.predictor
@@ -144,22 +186,8 @@ class Worker:
                 predictor.info.sha256,
                 prediction.cutoff,
             )
-            headers = [_without_pixels(ds) for ds in datasets]
             predecessor = self.queue.last_acknowledged(job.series_instance_uid, "sr", identity.sr_sop_instance_uid)
-            centre, frame = centre_image(datasets)
-            pixels = centre.pixel_array if frame is None else centre.pixel_array[frame - 1]
-            sr = build_sr(headers, prediction, predictor.info, identity=identity, predecessor=predecessor,
-                          centre_pixels=pixels)
-            image = build_result_image(
-                pixels, _without_pixels(centre), prediction, predictor.info,
-                series_instance_uid=identity.image_series_instance_uid,
-                sop_instance_uid=identity.image_sop_instance_uid, referenced_frame_number=frame,
-            )
-            encoded = {}
-            for kind, ds in (("sr", sr), ("image", image)):
-                buffer = io.BytesIO()
-                ds.save_as(buffer, enforce_file_format=True)
-                encoded[kind] = (ds, buffer.getvalue())
+            encoded = _encode_results(datasets, prediction, predictor.info, identity, predecessor)
         with stage("write"):
             destinations = [d.name for d in self.settings.destinations]
             objects = []
@@ -190,6 +218,8 @@ class Worker:
         if not current:
             log.info("result not exported: a newer version of the series superseded this job")
             return
+        if destinations and self.results_ready is not None:
+            self.results_ready.release()  # serve's exporter sends it now rather than at its next tick
         if not destinations:  # only a current result goes to the outbox
             for ds, data in encoded.values():
                 self.outbox.write(SpoolKey(job.study_instance_uid, str(ds.SeriesInstanceUID),
@@ -197,12 +227,55 @@ class Worker:
         log.info("%s p=%.3f with %s on %s; timings ms %s", prediction.label, prediction.probability,
                  prediction.model_id, prediction.device, timings)
 
-    def run(self, stop: threading.Event) -> None:
-        """Load the model first (torch import + weights take seconds), then poll for jobs."""
+    def warm_up(self) -> None:
+        """A tiny synthetic series through volume, preprocessing, SR and result image, unsaved.
+
+        First use costs more than the work: highdicom reads the standard's tables
+        (~0.6 s on two cores) and Python's collector walks them as they load. Paid
+        here, at start, rather than by the first series.
+        """
+        import tempfile
+
+        from model.predict import Prediction
+        from model.synth import write_series
+        from model.volume import assemble_volume
+        from node.identity import result_identity
+
+        predictor = self.predictor
+        info = predictor.info
+        with tempfile.TemporaryDirectory(prefix="migraine-node-warm-up-") as tmp:
+            series = write_series(Path(tmp), slices=4, rows=16, columns=16, spacing=4.0)
+            datasets = [pydicom.dcmread(path) for path in series.paths]
+        volume = assemble_volume(datasets)
+        prediction = Prediction(probability=0.0, label=info.labels[0], cutoff=info.cutoff, model_id=info.model_id,
+                                device=predictor.device.type, ms=0.0, synthetic=info.synthetic)
+        identity = result_identity(series.series_instance_uid, "0" * 64, info.sha256, info.cutoff)
+        _encode_results(datasets, prediction, info, identity, None)
+        predictor.preprocess(volume)
+
+    def run(self, stop: threading.Event, work_ready=None, poll_seconds: float = POLL_SECONDS) -> None:  # noqa: ANN001
+        """Load the model and warm up first (seconds), then take jobs.
+
+        Between jobs the worker waits on `work_ready` (a multiprocessing semaphore
+        serve releases once per job it queues), so a queued job starts at once;
+        it looks for due jobs every `poll_seconds` anyway (retries, replays queued
+        by another process).
+        """
+        started = time.perf_counter()
         _ = self.predictor
+        if stop.is_set():  # serve ended while the model loaded: nothing to warm up for
+            return
+        try:
+            self.warm_up()
+        except Exception:  # noqa: BLE001  a failed warm-up costs the first job time, nothing else
+            log.warning("warm-up failed; the first series pays its start-up costs", exc_info=True)
+        log.info("worker ready in %.1f s", time.perf_counter() - started)
         while not stop.is_set():
             if not self.run_once():
-                stop.wait(POLL_SECONDS)
+                if work_ready is None:
+                    stop.wait(poll_seconds)
+                else:
+                    work_ready.acquire(timeout=poll_seconds)
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -239,8 +312,14 @@ def _die_with_parent(stop: threading.Event) -> bool:
     return True
 
 
-def worker_main(config_path: str | None, overrides: dict) -> None:
-    """Entry point of a worker process (multiprocessing, spawn)."""
+def worker_main(config_path: str | None, overrides: dict, work_ready=None, results_ready=None) -> None:  # noqa: ANN001
+    """Entry point of a worker process (multiprocessing, spawn).
+
+    `work_ready` and `results_ready` are serve's semaphores: serve releases the
+    first for each job it queues, the worker the second for each result to export.
+    Semaphores, not events: a worker killed while waiting cannot block whoever
+    signals next (multiprocessing.Event.set waits for every sleeper to wake).
+    """
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
@@ -256,6 +335,6 @@ def worker_main(config_path: str | None, overrides: dict) -> None:
     # Claims carry our PID, so serve can release the job we hold if this process dies.
     queue.claim = functools.partial(queue.claim, worker_pid=os.getpid())  # type: ignore[method-assign]
     try:
-        Worker(settings, queue).run(stop)
+        Worker(settings, queue, results_ready).run(stop, work_ready)
     finally:
         engine.dispose()

@@ -148,6 +148,7 @@ class NodeProcess:
         checkpoint: Path | None = None,
         destinations: list[dict] | None = None,
         export_retry_seconds: float = 1,
+        runtime: str | None = None,
     ) -> NodeProcess:
         port = port or free_port()
         data_dir = root / "data"
@@ -161,6 +162,7 @@ class NodeProcess:
             f"[worker]\nprocesses = {workers}\nretry_seconds = 1\n"
             f"[export]\nretry_initial_seconds = {export_retry_seconds}\nretry_max_seconds = {max(export_retry_seconds, 2)}\n"
             + (f'[model]\ncheckpoint = "{checkpoint}"\ndevice = "cpu"\n' if checkpoint else "")
+            + (("" if checkpoint else "[model]\n") + f'runtime = "{runtime}"\n' if runtime else "")
             + "".join(
                 f'[[destinations]]\nname = "{d["name"]}"\nae_title = "{d["ae_title"]}"\nhost = "127.0.0.1"\nport = {d["port"]}\n'
                 + (f"objects = {json.dumps(d['objects'])}\n" if "objects" in d else "")

@@ -100,11 +100,13 @@ def test_import_hara_state_dict(tmp_path):
     source = build_network("resnet18").state_dict()
     wrapped = {"epoch": 100, "arch": "resnet-18", "state_dict": {f"module.{k}": v for k, v in source.items()}}
     torch.save(wrapped, tmp_path / "save_100.pth")
-    info = import_state_dict(tmp_path / "save_100.pth", "resnet18", tmp_path / "ckpt", input_spec=TINY_SPEC, name=None)
+    info = import_state_dict(tmp_path / "save_100.pth", "resnet18", tmp_path / "ckpt", input_spec=TINY_SPEC, name=None,
+                             responder_index=1)
     model, loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.sha256 == info.sha256 and loaded.synthetic is False
     assert torch.equal(model.state_dict()["layer1.0.conv1.weight"], source["layer1.0.conv1.weight"])
 
     torch.save(build_network("resnet34").state_dict(), tmp_path / "r34.pth")
     with pytest.raises(CheckpointError, match="do not fit resnet18"):
-        import_state_dict(tmp_path / "r34.pth", "resnet18", tmp_path / "x", input_spec=TINY_SPEC, name=None)
+        import_state_dict(tmp_path / "r34.pth", "resnet18", tmp_path / "x", input_spec=TINY_SPEC, name=None,
+                          responder_index=1)

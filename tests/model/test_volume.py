@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import copy
+import random
+import re
+import subprocess
 
 import numpy as np
 import pydicom
 import pytest
 
 from model.synth import write_series
-from model.volume import VolumeError, assemble_volume, load_volume, read_series_dir
+from model.volume import VolumeError, _fast_classic, assemble_volume, load_volume, read_series_dir
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,9 @@ def test_multiframe_matches_classic(tmp_path):
     assert len(b.paths) == 1
     assert vb.array.shape == va.array.shape
     np.testing.assert_allclose(vb.affine, va.affine, atol=1e-3)
-    np.testing.assert_allclose(vb.array, va.array)
+    # The classic series takes the fast path, the multi-frame object highdicom's: the same values.
+    assert _fast_classic(read_series_dir(tmp_path / "a")) is not None
+    np.testing.assert_array_equal(vb.array, va.array)
     assert a.series_instance_uid != b.series_instance_uid
 
 
@@ -104,3 +109,125 @@ def test_nifti_loads_with_lps_affine(tmp_path):
     assert volume.spacing == (2.0, 2.0, 2.0)
     np.testing.assert_allclose(volume.ras_affine, np.diag([2.0, 2.0, 2.0, 1.0]))
     assert pydicom is not None
+
+
+# ---- the fast path for classic slices: bit for bit what highdicom's get_volume_from_series gives ----
+
+
+def _assert_same_volume(fast, slow) -> None:
+    assert fast.array.dtype == slow.array.dtype == np.float32
+    assert fast.array.shape == slow.array.shape
+    assert fast.array.tobytes() == slow.array.tobytes()  # bit for bit: -0.0 is not 0.0 here
+    assert fast.affine.dtype == slow.affine.dtype and fast.affine.tobytes() == slow.affine.tobytes()
+    assert fast.spacing == slow.spacing
+    assert (fast.study_instance_uid, fast.series_instance_uid, fast.sop_instance_uids, fast.frame_of_reference_uid) \
+        == (slow.study_instance_uid, slow.series_instance_uid, slow.sop_instance_uids, slow.frame_of_reference_uid)
+
+
+def _fast_matches_highdicom(datasets) -> None:
+    """The fast path takes the series and gives what highdicom gives; so does assemble_volume."""
+    datasets = list(datasets)
+    random.Random(3).shuffle(datasets)  # arrival order is not slice order
+    slow = assemble_volume(datasets, fast=False)
+    fast = _fast_classic(datasets)
+    assert fast is not None, "the fast path declined a series it is meant to take"
+    _assert_same_volume(fast, slow)
+    _assert_same_volume(assemble_volume(datasets), slow)
+
+
+def test_fast_path_matches_highdicom_on_a_classic_series(classic):
+    _fast_matches_highdicom(read_series_dir(classic))
+
+
+def test_fast_path_matches_highdicom_on_an_oblique_series_with_per_slice_rescale(tmp_path):
+    write_series(tmp_path, slices=12, rows=16, columns=20, spacing=2.5, orientation="obl", seed=2)
+    datasets = read_series_dir(tmp_path)
+    # Philips scales each slice on its own; some slices have the identity, one no rescale at all.
+    rescales = [(1.25, 0), (0.7071, -1024), (1, 0), (2, 0.5), ("", ""), (-1.5, 0), (-0.3333, 0.1)]
+    for k, ds in enumerate(datasets):
+        pixels = ds.pixel_array.copy()
+        pixels[0, :3] = 0  # a negative slope makes these -0.0, which an added intercept of 0 would undo
+        ds.PixelData = pixels.tobytes()
+        slope, intercept = rescales[k % len(rescales)]
+        if slope == "":
+            del ds.RescaleSlope, ds.RescaleIntercept
+        else:
+            ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    _fast_matches_highdicom(datasets)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("bits", [(16, 12), (16, 16), (8, 8), (8, 6)], ids=lambda b: f"{b[0]}-{b[1]}bit")
+def test_fast_path_matches_highdicom_on_stored_bits(classic, bits, signed):
+    """Values beyond Bits Stored are masked (unsigned) or sign-extended (signed), as pydicom does."""
+    allocated, stored = bits
+    rng = np.random.default_rng(allocated + stored + signed)
+    datasets = read_series_dir(classic)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    for ds in datasets:
+        raw = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, size=(ds.Rows, ds.Columns), endpoint=True)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
+        ds.PixelRepresentation = int(signed)
+        ds.PixelData = raw.astype(dtype).tobytes()  # every bit set somewhere, unused high bits included
+    _fast_matches_highdicom(datasets)
+
+
+# DCMTK re-encodes the series; the fast path reads native little endian in place, the rest through pydicom.
+ENCODERS = {
+    "implicit-vr": ("/usr/bin/dcmconv", "+ti"),
+    "big-endian": ("/usr/bin/dcmconv", "+tb"),
+    "deflated": ("/usr/bin/dcmconv", "+td"),
+    "rle": ("/usr/bin/dcmcrle", "+un"),
+    "jpeg-ls-lossless": ("/usr/bin/dcmcjpls", "+el", "+un"),
+}
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODERS))
+def test_fast_path_matches_highdicom_in_other_transfer_syntaxes(classic, tmp_path, encoding):
+    for src in sorted(classic.iterdir()):
+        subprocess.run([*ENCODERS[encoding], str(src), str(tmp_path / src.name)], check=True, capture_output=True,
+                       timeout=60)
+    datasets = read_series_dir(tmp_path)
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in datasets} != {"1.2.840.10008.1.2.1"}
+    _fast_matches_highdicom(datasets)
+
+
+def _monochrome1(ds) -> None:
+    ds.PhotometricInterpretation = "MONOCHROME1"
+
+
+def _modality_lut(ds) -> None:
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.ModalityLUTType = "US"
+    item.LUTData = list(range(4095, -1, -1))
+    ds.ModalityLUTSequence = [item]
+    del ds.RescaleSlope, ds.RescaleIntercept
+
+
+def _real_world_values(ds) -> None:
+    item = pydicom.Dataset()
+    item.RealWorldValueFirstValueMapped, item.RealWorldValueLastValueMapped = 0, 4095
+    item.RealWorldValueSlope, item.RealWorldValueIntercept = 0.5, 3.0
+    item.LUTLabel, item.LUTExplanation = "T1", "synthetic"
+    ds.RealWorldValueMappingSequence = [item]
+
+
+def _enhanced_sop_class(ds) -> None:
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+@pytest.mark.parametrize("change", [_monochrome1, _modality_lut, _real_world_values, _enhanced_sop_class],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_fast_path_leaves_other_pixel_transforms_to_highdicom(classic, change):
+    datasets = read_series_dir(classic)
+    for ds in datasets:
+        change(ds)
+    assert _fast_classic(datasets) is None
+    try:
+        expected = assemble_volume(datasets, fast=False)
+    except VolumeError as exc:
+        with pytest.raises(VolumeError, match=re.escape(str(exc))):
+            assemble_volume(datasets)
+    else:
+        _assert_same_volume(assemble_volume(datasets), expected)

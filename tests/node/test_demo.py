@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def test_demo_model_is_built_aside_and_moved_into_place(tmp_path, monkeypatch, c
     def fake_build(out_dir, progress, report):  # noqa: ANN001, ANN202
         calls.append(out_dir)
         out_dir.mkdir(parents=True)
-        (out_dir / "model.json").write_text("{}")  # train() writes the sidecar after the first epoch
+        # train() writes the sidecar after the first epoch
+        (out_dir / "model.json").write_text('{"input_spec": {"centring": "head"}}')
         if len(calls) == 1:
             raise KeyboardInterrupt
         (out_dir / "weights.pt").write_bytes(b"")
@@ -94,6 +96,32 @@ def test_demo_model_is_built_aside_and_moved_into_place(tmp_path, monkeypatch, c
     assert sorted(p.name for p in demo_dir.parent.iterdir()) == [".demo.lock", "demo"]
     assert "using the synthetic demo model, built once in" in capsys.readouterr().out
     assert model_directory(settings) == demo_dir and len(calls) == 2  # built once
+
+
+def test_a_demo_model_for_older_preprocessing_is_rebuilt(tmp_path, monkeypatch, capsys):
+    """A demo model trained on field-of-view-centred grids (sidecar without `centring`) would be fed
+    head-centred ones: it is rebuilt once, and the rebuilt one is kept."""
+    import model.demo
+    from node.config import load_settings
+    from node.worker import model_directory
+
+    demo_dir = tmp_path / "data" / "models" / "demo"
+    demo_dir.mkdir(parents=True)
+    legacy = {"input_spec": {"orientation": "RAS", "spacing": [6, 6, 6], "shape": [28, 36, 36]}}
+    (demo_dir / "model.json").write_text(json.dumps(legacy))
+    calls = []
+
+    def fake_build(out_dir, progress, report):  # noqa: ANN001, ANN202
+        calls.append(out_dir)
+        out_dir.mkdir(parents=True)
+        (out_dir / "model.json").write_text('{"input_spec": {"centring": "head"}}')
+
+    monkeypatch.setattr(model.demo, "build_demo_model", fake_build)
+    settings = load_settings(overrides={"storage": {"data_dir": str(tmp_path / "data")}})
+    assert model_directory(settings, progress=True) == demo_dir
+    assert "built for an older preprocessing and is rebuilt" in capsys.readouterr().out
+    assert json.loads((demo_dir / "model.json").read_text())["input_spec"]["centring"] == "head"
+    assert model_directory(settings) == demo_dir and len(calls) == 1
 
 
 def test_demo_viewer_stays_up_until_ctrl_c_then_leaves_nothing_running(tmp_path, tiny_checkpoint):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import random
+import threading
 
 import pydicom
 import pytest
@@ -63,6 +66,39 @@ def test_worker_classifies_and_writes_the_outbox_without_destinations(service, t
     for path in outbox:
         assert pydicom.dcmread(path).StudyInstanceUID == series.study_instance_uid
     assert {pydicom.dcmread(p).Modality for p in outbox} == {"SR", "OT"}
+
+
+def test_worker_warms_up_then_takes_each_job_as_soon_as_serve_signals_it(service, t1, caplog):
+    """With an hour between polls, only the semaphore serve releases per queued job can start the second job."""
+    series_dir, series = t1
+    svc = service()
+    send(svc.port, sorted(series_dir.iterdir()))
+    queued(svc, series.series_instance_uid)
+    spawn = multiprocessing.get_context("spawn")
+    work_ready, results_ready = spawn.Semaphore(0), spawn.Semaphore(0)
+    worker = Worker(svc.settings, svc.queue, results_ready)
+    stop = threading.Event()
+    caplog.set_level(logging.INFO, logger="node.worker")
+    thread = threading.Thread(target=worker.run, args=(stop, work_ready), kwargs={"poll_seconds": 3600})
+    thread.start()
+    try:
+        # Version 1 was queued before the worker started: it takes it after the warm-up.
+        wait_until(lambda: svc.store.get_series(series.series_instance_uid).state == "delivered", timeout=120)
+        assert "worker ready" in caplog.text and "warm-up failed" not in caplog.text
+        # The warm-up's SR and image are never saved: the outbox holds version 1's two objects.
+        assert len(list((svc.settings.storage.data_dir / "outbox").rglob("*.dcm"))) == 2
+        svc.queue.replay(series.series_instance_uid)
+        queued(svc, series.series_instance_uid)
+        work_ready.release()  # what serve's selection stage does for each job it queues
+        view = wait_until(lambda: (v := svc.store.get_series(series.series_instance_uid)) and v.version == 2
+                          and v.state == "delivered" and v, timeout=60, what="version 2 classified")
+        assert view.model_id.startswith("test-random@")
+        assert not results_ready.acquire(False)  # no destinations: the outbox, nothing for the exporter
+    finally:
+        stop.set()
+        work_ready.release()
+        thread.join(30)
+    assert not thread.is_alive()
 
 
 def test_failures_are_retried_then_failed_and_interrupted_jobs_requeued(service, t1):

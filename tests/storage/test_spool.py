@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import io
+import subprocess
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-from storage.spool import Spool, SpoolError, SpoolKey, encode_file_meta
+from storage.spool import Spool, SpoolError, SpoolKey, encode_file_meta, read_spooled, split_file_meta
 from storage.uids import is_valid_uid
 
 
@@ -56,3 +58,65 @@ def test_partial_files_are_removed(tmp_path):
     assert spool.remove_partial_files() == 1
     assert not staged.exists()
     assert list(spool.iter_files()) == []
+
+
+# ---- read_spooled: what dcmread reads, without pydicom's file-meta reader --------------------------
+
+# How a file may arrive: as the synthetic writer (pydicom) wrote it, or re-encoded by DCMTK.
+ENCODERS = {
+    "explicit-vr": None,
+    "implicit-vr": ("/usr/bin/dcmconv", "+ti"),
+    "big-endian": ("/usr/bin/dcmconv", "+tb"),
+    "deflated": ("/usr/bin/dcmconv", "+td"),
+    "rle": ("/usr/bin/dcmcrle", "+un"),
+}
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory):
+    from model.synth import write_series
+
+    return write_series(tmp_path_factory.mktemp("read-spooled"), slices=2, rows=16, columns=16, seed=9).paths
+
+
+def _assert_reads_like_dcmread(path, fast: bool) -> None:
+    ours, reference = read_spooled(path), pydicom.dcmread(path)
+    # The fast path builds a plain Dataset; dcmread (the fallback) a FileDataset.
+    assert (type(ours) is pydicom.Dataset) is fast
+    assert ours.file_meta == reference.file_meta
+    assert ours == reference
+    assert ours.original_encoding == reference.original_encoding
+    np.testing.assert_array_equal(ours.pixel_array, reference.pixel_array)
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODERS))
+def test_read_spooled_reads_what_dcmread_reads(slices, tmp_path, encoding):
+    for src in slices:
+        dst = tmp_path / src.name
+        if ENCODERS[encoding] is None:
+            dst.write_bytes(src.read_bytes())
+        else:
+            subprocess.run([*ENCODERS[encoding], str(src), str(dst)], check=True, capture_output=True, timeout=60)
+        _assert_reads_like_dcmread(dst, fast=encoding != "deflated")  # a deflated dataset is dcmread's
+
+
+def test_read_spooled_reads_files_as_the_scp_spools_them(slices, tmp_path):
+    data = slices[0].read_bytes()
+    offset, syntax = split_file_meta(data)
+    ds = pydicom.dcmread(slices[0], stop_before_pixels=True)
+    spool = Spool(tmp_path / "spool")
+    key = SpoolKey(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    meta = encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, syntax, "SCANNER")
+    _assert_reads_like_dcmread(spool.write(key, (meta, data[offset:])), fast=True)
+
+
+def test_read_spooled_leaves_other_file_meta_layouts_to_dcmread(slices, tmp_path):
+    """Meta without its group length (allowed to readers, never written here): dcmread reads it."""
+    data = slices[0].read_bytes()
+    assert data[132:136] == b"\x02\x00\x00\x00"  # (0002,0000) File Meta Information Group Length
+    odd = tmp_path / "no-group-length.dcm"
+    odd.write_bytes(data[:132] + data[144:])  # the group length element is the first 12 bytes after DICM
+    assert split_file_meta(odd.read_bytes()) is None
+    _assert_reads_like_dcmread(odd, fast=False)
+    with pytest.raises(FileNotFoundError):
+        read_spooled(tmp_path / "missing.dcm")
