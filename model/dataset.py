@@ -129,26 +129,25 @@ def read_manifest(path: Path, warn: Callable[[str], None] | None = None) -> list
     return rows
 
 
-def check_patient_labels(rows: Sequence[ManifestRow], where: Path | str = "manifest") -> None:
-    """One label per patient: conflicting rows are an error that names them."""
+def _one_per_patient(rows: Sequence[ManifestRow], value, what: str, where: Path | str) -> None:  # noqa: ANN001
+    """A ManifestError naming the rows of the first patient whose rows disagree on `value(row)`."""
     by_patient: dict[str, list[ManifestRow]] = defaultdict(list)
     for r in rows:
         by_patient[r.patient].append(r)
     for patient, group in by_patient.items():
-        if len({r.label for r in group}) > 1:
-            lines = ", ".join(f"line {r.line} ({r.key}: {'responder' if r.label else 'non-responder'})" for r in group)
-            raise ManifestError(f"{where}: patient {patient} has conflicting labels: {lines}")
+        if len({value(r) for r in group}) > 1:
+            lines = ", ".join(f"line {r.line} ({r.key}: {value(r)})" for r in group)
+            raise ManifestError(f"{where}: patient {patient} {what}: {lines}")
+
+
+def check_patient_labels(rows: Sequence[ManifestRow], where: Path | str = "manifest") -> None:
+    """One label per patient: conflicting rows are an error that names them."""
+    _one_per_patient(rows, lambda r: "responder" if r.label else "non-responder", "has conflicting labels", where)
 
 
 def check_patient_roles(rows: Sequence[ManifestRow], where: Path | str = "manifest") -> None:
     """One role per patient: a patient in two roles would leak between training and evaluation."""
-    by_patient: dict[str, list[ManifestRow]] = defaultdict(list)
-    for r in rows:
-        by_patient[r.patient].append(r)
-    for patient, group in by_patient.items():
-        if len({r.split for r in group}) > 1:
-            lines = ", ".join(f"line {r.line} ({r.key}: {r.split})" for r in group)
-            raise ManifestError(f"{where}: patient {patient} is in more than one split: {lines}")
+    _one_per_patient(rows, lambda r: r.split, "is in more than one split", where)
 
 
 def _share(n: int, fraction: float) -> int:
