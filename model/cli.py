@@ -207,6 +207,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Write exactly what the network sees for a series (the predictor's own preprocessing)."""
+    from nibabel.filebasedimages import ImageFileError
+
     from model.checkpoint import CheckpointError, read_info
     from model.preprocess import build_transform
     from model.preview import write_nifti, write_three_planes
@@ -221,7 +223,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         preprocessed = build_transform(info.input_spec)(volume)
     except (VolumeError, CheckpointError, ValueError) as exc:
         raise ModelCommandError(str(exc)) from None
-    write_nifti(preprocessed, out)
+    except (OSError, EOFError, ImageFileError) as exc:  # a truncated or corrupt NIfTI file
+        raise ModelCommandError(f"{args.series}: cannot be read as a series or NIfTI image: {exc}") from None
+    try:
+        write_nifti(preprocessed, out)
+    except OSError as exc:
+        raise ModelCommandError(f"--out {out}: cannot be written: {exc.strerror or exc}") from None
     spec = info.input_spec
     centre = ", ".join(f"{v:.1f}" for v in preprocessed.head_centre_ras)
     print(f"wrote {out}: {'x'.join(map(str, spec.shape))} at {'x'.join(f'{v:g}' for v in spec.spacing)} mm "

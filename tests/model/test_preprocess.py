@@ -278,12 +278,18 @@ def test_preprocess_command_writes_exactly_what_the_network_sees(tmp_path, tiny_
 @pytest.mark.parametrize("args, message", [
     (["MISSING", "--out", "x.nii.gz"], "does not exist"),
     (["SERIES", "--out", "x.png"], "ending in .nii.gz"),
+    (["TRUNCATED", "--out", "x.nii.gz"], "cannot be read as a series or NIfTI image"),
+    (["SERIES", "--out", "/proc/x.nii.gz"], "cannot be written"),
 ])
 def test_preprocess_command_refuses_clearly(tmp_path, tiny_checkpoint, capsys, args, message):
+    import gzip
+
     from node.cli import main
 
     write_series(tmp_path / "s", slices=12, rows=24, columns=24, spacing=8.0)
-    args = [str(tmp_path / "s") if a == "SERIES" else str(tmp_path / a) if a == "MISSING" else a for a in args]
+    (tmp_path / "t.nii.gz").write_bytes(gzip.compress(b"\x5c\x01\x00\x00" + b"\x00" * 100)[:60])
+    names = {"SERIES": str(tmp_path / "s"), "MISSING": str(tmp_path / "MISSING"), "TRUNCATED": str(tmp_path / "t.nii.gz")}
+    args = [names.get(a, a) for a in args]
     assert main(["preprocess", *args, "--checkpoint", str(tiny_checkpoint)]) == 1
     assert message in capsys.readouterr().err
 
