@@ -13,8 +13,9 @@ Each measurement runs in a child process so its peak memory is its own:
   - CUDA (bf16/fp16 autocast), eager and channels-last, when a GPU is present.
 Weights are random (seed 0), saved as a real checkpoint. Prints median
 milliseconds, CPU seconds, peak memory (RSS, or CUDA max allocated) and |Δp|
-against the channels-last torch probability; the last line is
-`ratio=<fastest CPU runtime median / torch channels-last median>`.
+against the channels-last torch probability; the last line is always
+`ratio=<fastest CPU runtime median / torch channels-last median>`, or `ratio=nan`
+(the reason on the line before) when the reference or every CPU runtime failed.
 
     .venv/bin/python bench/infer.py [--runs 2] [--rounds 3] [--variants eager,channels_last,compile,onnxruntime,openvino]
 """
@@ -136,6 +137,20 @@ def child(variant: str, runs: int, work: Path) -> dict:
 
 
 def main() -> None:
+    try:
+        _main()
+    except Exception as exc:  # the ratio line still comes last; the traceback goes to stderr
+        if "--child" in sys.argv:
+            raise  # a child's failure is its parent's to report
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        _no_ratio(f"bench/infer.py failed: {type(exc).__name__}: {exc}")
+        raise SystemExit(1) from None
+
+
+def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=2, help="timed runs per child process")
     parser.add_argument("--rounds", type=int, default=3, help="child processes per forward variant, interleaved")
@@ -214,6 +229,16 @@ def main() -> None:
         fastest = min(cpu, key=cpu.get)
         print(f"fastest CPU runtime: {fastest} (fp32); ratio = its median / torch channels-last-3d median")
         print(f"ratio={cpu[fastest] / medians[REFERENCE]:.2f}")
+    else:
+        missing = ([f"torch reference {REFERENCE}"] if REFERENCE not in medians else []) + (
+            [f"every CPU runtime ({', '.join(CPU_RUNTIMES)})"] if not cpu else [])
+        _no_ratio(f"{' and '.join(missing)} failed or not run")
+
+
+def _no_ratio(reason: str) -> None:
+    """The last line is always `ratio=<x>` (scripts parse it): nan, with the reason on the line before."""
+    print(f"ratio cannot be computed: {reason}")
+    print("ratio=nan", flush=True)
 
 
 if __name__ == "__main__":

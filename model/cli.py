@@ -76,11 +76,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows = read_manifest(Path(args.manifest), warn=lambda line: print(f"warning: {line}", file=sys.stderr))
         if args.folds is None:
             rows, method = assign_roles(rows, args.seed)
+            for role in ("train", "validation"):  # checked before preprocessing, not after
+                ys = [r.label for r in rows if r.split == role]
+                if len(set(ys)) < 2:
+                    raise ModelCommandError(f"the {role} split needs both responders and non-responders "
+                                            f"({len(ys)} rows, {sum(ys)} responders)")
         elif any(r.split for r in rows):
             raise ModelCommandError("--folds makes its own patient-grouped folds: remove the manifest's split column")
+        else:
+            from model.cv import plan_folds
+
+            plan_folds(rows, args.folds, args.seed)  # every fold checked before anything is preprocessed or trained
         with tqdm(total=len(rows), desc="preprocessing", file=sys.stderr) as bar:
             items = load_tensors(rows, spec, progress=bar.update)
-    except ManifestError as exc:
+    except (ManifestError, ValueError) as exc:
         raise ModelCommandError(str(exc)) from None
     config = TrainConfig(architecture=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, augment=not args.no_augment, cutoff=args.cutoff, device=args.device)
@@ -124,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from model.dataset import ManifestError, load_tensors, read_manifest
-    from model.evaluate import SavedSplit, checkpoint_status, read_predictions, report, select_rows
+    from model.evaluate import SavedSplit, checkpoint_status, legacy_split, read_predictions, report, select_rows
 
     out = Path(args.out) if args.out else None
     try:
@@ -148,6 +157,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             model, info = load_checkpoint(Path(args.checkpoint))
             rows = read_manifest(Path(args.manifest), warn=lambda line: print(f"warning: {line}", file=sys.stderr))
             saved = SavedSplit.from_training(info.training)
+            if legacy_split(info.training):
+                print("warning: the checkpoint's split was recorded before content digests and keyed pseudonyms; "
+                      "its rows cannot be matched, so every row is unverified", file=sys.stderr)
             split = args.split or ("test" if saved else "all")
             status = checkpoint_status(rows, saved)
             selection = select_rows(rows, status, split, any(r.split for r in rows))
@@ -163,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             evaluated = selection.label
             if selection.set_aside:
                 evaluated += f"; {selection.set_aside} other manifest row(s) not evaluated"
-            row_info = [{"key": rows[i].key, "patient": rows[i].patient, "role": status[i].role}
+            row_info = [{"line": rows[i].line, "patient": rows[i].patient, "role": status[i].role}
                         for i in selection.indices]
             text, _ = report(labels, scores, info.cutoff, out, info.model_id, evaluated=evaluated,
                              row_info=row_info)

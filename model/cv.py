@@ -75,6 +75,35 @@ def fold_roles(patients: Sequence[str], labels: Sequence[int], folds: Sequence[i
     return roles
 
 
+class FoldPlanError(ValueError):
+    """A fold cannot be trained (a class missing from its training or validation split, or no test rows)."""
+
+
+def plan_folds(rows: Sequence[ManifestRow], k: int, seed: int) -> tuple[list[int], list[list[str]]]:
+    """Every fold's roles, checked before anything is preprocessed or trained.
+
+    Returns the fold of each row and, per fold, each row's role. Raises
+    FoldPlanError naming the first fold whose training or validation split
+    lacks a class or which has no test rows.
+    """
+    patients = [r.patient for r in rows]
+    labels = [r.label for r in rows]
+    folds = fold_assignment(patients, labels, k, seed)
+    plans = []
+    for fold in range(k):
+        roles = fold_roles(patients, labels, folds, fold, seed=seed * 1000 + fold)
+        if "test" not in roles:
+            raise FoldPlanError(f"fold {fold + 1} of {k} has no test rows")
+        for role in ("train", "validation"):
+            members = [y for y, r in zip(labels, roles) if r == role]
+            if len(set(members)) < 2:
+                raise FoldPlanError(
+                    f"fold {fold + 1} of {k}: its {role} split needs both responders and non-responders "
+                    f"({len(members)} rows, {sum(members)} responders); use fewer folds or more patients")
+        plans.append(roles)
+    return folds, plans
+
+
 @dataclass(frozen=True)
 class Pooled:
     """Out-of-fold metrics over all rows."""
@@ -166,11 +195,11 @@ def run_cross_validation(
     out_dir = Path(out_dir)
     patients = [r.patient for r in rows]
     labels = [r.label for r in rows]
-    folds = fold_assignment(patients, labels, k, config.seed)
+    folds, plans = plan_folds(rows, k, config.seed)  # every fold checked before any trains
     device = resolve_device(config.device)
     results: list[FoldResult] = []
     for fold in range(k):
-        roles = fold_roles(patients, labels, folds, fold, seed=config.seed * 1000 + fold)
+        roles = plans[fold]
         fold_rows = [replace(r, split=role) for r, role in zip(rows, roles)]
         method = (f"fold {fold + 1} of {k} (patient-grouped, label-stratified, seed {config.seed}): test = this "
                   f"fold's patients; validation = {VALIDATION_FRACTION:.0%} of the other patients by patient, "
@@ -258,9 +287,9 @@ def write_outputs(out_dir: Path, rows: Sequence[ManifestRow], folds: Sequence[in
     (out_dir / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out_dir / "cv_predictions.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["key", "patient", "fold", "label", "probability", "cutoff", "predicted"])
+        writer.writerow(["line", "patient", "fold", "label", "probability", "cutoff", "predicted"])
         for r, f, s, c in zip(rows, folds, scores, cutoffs):
-            writer.writerow([r.key, r.patient, f + 1, r.label, round(s, 6), round(c, 6),
+            writer.writerow([r.line, r.patient, f + 1, r.label, round(s, 6), round(c, 6),
                              "responder" if s >= c else "non-responder"])
     labels = [r.label for r in rows]
     plot_roc(labels, scores, out_dir / "roc.png", title=f"{summary['folds']}-fold CV, pooled out-of-fold",

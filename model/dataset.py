@@ -4,9 +4,14 @@ path: a DICOM series folder, one multi-frame DICOM file or a NIfTI file,
 relative to the manifest's folder unless absolute; its path relative to that
 folder is the row's stable key. label: `responder` or `non-responder` (1/0
 accepted). patient: any identifier; without it a DICOM row's patient is the
-PatientID of its first file. Only a hash of either is ever kept or printed
-(`patient_hash`). A NIfTI row without a patient is its own patient (a warning
+PatientID of its first file. Only a keyed hash of either is ever kept or
+printed (`patient_hash`: HMAC-SHA256 under the site's patient key, which no
+output holds). A NIfTI row without a patient is its own patient (a warning
 says so: two scans of one person could then land in different roles).
+
+Each row also gets a content digest (`content_digest`): what a saved split is
+matched by, wherever the file is listed from. Row keys (paths, which often
+hold patient names) are kept only hashed with the same key (`key_hash`).
 
 Three roles: train (fits the weights), validation (chooses the epoch and
 the cutoff), test (reported once, at the end). split: `train`,
@@ -20,9 +25,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import math
 import os
-from collections import Counter, defaultdict
+import secrets
+import sys
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,14 +62,108 @@ class ManifestRow:
     key: str = ""  # path relative to the manifest's folder: stable across machines
     line: int = 0  # manifest line, for messages
     identified: bool = True  # False: no patient identity (the row is its own patient)
+    digest: str = ""  # `content_digest` of the row's data: matches it to a saved split wherever it is listed from
+
+
+KEY_FILE_ENV = "MIGRAINE_NODE_PATIENT_KEY_FILE"
+_KEYS: dict[str, bytes] = {}
+
+
+def patient_key_path() -> Path:
+    """`$MIGRAINE_NODE_PATIENT_KEY_FILE`, else `$XDG_DATA_HOME/migraine-node/patient-key` (~/.local/share)."""
+    given = os.environ.get(KEY_FILE_ENV)
+    if given:
+        return Path(given).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "migraine-node" / "patient-key"
+
+
+def patient_key() -> bytes:
+    """The site's secret pseudonym key: read, or created on first use (32 random bytes, mode 0600)."""
+    path = patient_key_path()
+    cached = _KEYS.get(str(path))
+    if cached is not None:
+        return cached
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # created meanwhile by another process
+            key = path.read_bytes()
+        else:
+            key = secrets.token_bytes(32)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key)
+            print(f"note: created the patient pseudonym key {path} (set {KEY_FILE_ENV} to use another); keep it "
+                  "secret and out of shared outputs. Evaluating a checkpoint's saved split needs the same key.",
+                  file=sys.stderr)
+    except OSError as exc:
+        raise ManifestError(f"cannot read the patient pseudonym key {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise ManifestError(f"the patient pseudonym key {path} is too short ({len(key)} bytes; at least 16)")
+    _KEYS[str(path)] = key
+    return key
+
+
+def keyed_hash(text: str) -> str:
+    """First 16 hex of HMAC-SHA256 under the site's patient key."""
+    return hmac.new(patient_key(), text.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
 def patient_hash(identity: str) -> str:
-    """First 16 hex of sha256: lets rows be grouped by patient without keeping the identifier.
+    """Lets rows be grouped by patient without keeping the identifier: a keyed pseudonym (16 hex).
 
-    A pseudonym, not anonymisation: a short ID space could be enumerated.
+    Keyed with the site's secret (`patient_key`), so enumerating short
+    hospital IDs does not reverse it without the key file.
     """
-    return hashlib.sha256(identity.strip().encode("utf-8")).hexdigest()[:16]
+    return keyed_hash("patient:" + identity.strip())
+
+
+def key_hash(key: str) -> str:
+    """A row key (manifest path, which may name the patient), keyed-hashed for the sidecar and cv.json."""
+    return keyed_hash("row-key:" + key)
+
+
+def key_check() -> str:
+    """Identifies the patient key without revealing it: a saved split records it, evaluate compares."""
+    return keyed_hash("migraine-node key check")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of what a row holds: a series folder's sorted SOPInstanceUIDs (headers only), else the file bytes.
+
+    The same data gives the same digest from any folder or manifest. A folder
+    without DICOM files: sha256 over its files' names and digests.
+    """
+    import pydicom
+
+    path = Path(path)
+    if not path.is_dir():
+        return _file_sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    uids = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        except Exception:  # not DICOM
+            continue
+        uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+        if uid:
+            uids.append(uid)
+    if uids:
+        return hashlib.sha256("\n".join(sorted(uids)).encode("ascii", "replace")).hexdigest()
+    parts = [f"{f.relative_to(path).as_posix()}:{_file_sha256(f)}" for f in files]
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 
 
 def dicom_patient_id(path: Path) -> str | None:
@@ -110,16 +212,22 @@ def read_manifest(path: Path, warn: Callable[[str], None] | None = None) -> list
         item = Path(entry["path"])
         item = item if item.is_absolute() else path.parent / item
         if not item.exists():
-            raise ManifestError(f"{path}:{number}: {item} does not exist")
+            raise ManifestError(f"{path}:{number}: the row's path does not exist")
         key = _row_key(item, path.parent)
         identity = entry.get("patient") or dicom_patient_id(item)
         patient = patient_hash(identity) if identity else patient_hash(f"row:{key}")
-        rows.append(ManifestRow(item, label, split, patient, key, number, identity is not None))
+        try:
+            digest = content_digest(item)
+        except OSError as exc:
+            raise ManifestError(f"{path}:{number}: cannot read the row's data: {exc.strerror}") from None
+        rows.append(ManifestRow(item, label, split, patient, key, number, identity is not None, digest))
     if not rows:
         raise ManifestError(f"{path}: no rows")
-    duplicates = [k for k, n in Counter(r.key for r in rows).items() if n > 1]
-    if duplicates:
-        raise ManifestError(f"{path}: {duplicates[0]} is listed more than once")
+    first_line: dict[str, int] = {}
+    for r in rows:
+        if r.key in first_line:
+            raise ManifestError(f"{path}: line {r.line} lists the same path as line {first_line[r.key]}")
+        first_line[r.key] = r.line
     check_patient_labels(rows, path)
     anonymous = [r for r in rows if not r.identified]
     if anonymous and warn is not None:
@@ -134,10 +242,10 @@ def _one_per_patient(rows: Sequence[ManifestRow], value, what: str, where: Path 
     by_patient: dict[str, list[ManifestRow]] = defaultdict(list)
     for r in rows:
         by_patient[r.patient].append(r)
-    for patient, group in by_patient.items():
+    for group in by_patient.values():
         if len({value(r) for r in group}) > 1:
-            lines = ", ".join(f"line {r.line} ({r.key}: {value(r)})" for r in group)
-            raise ManifestError(f"{where}: patient {patient} {what}: {lines}")
+            lines = ", ".join(f"line {r.line} ({value(r)})" for r in group)
+            raise ManifestError(f"{where}: a patient {what}: {lines}")
 
 
 def check_patient_labels(rows: Sequence[ManifestRow], where: Path | str = "manifest") -> None:
@@ -220,10 +328,12 @@ def split_counts(rows: Sequence[ManifestRow]) -> dict:
 
 
 def split_record(rows: Sequence[ManifestRow], method: str) -> dict:
-    """What the sidecar keeps of a split: per row its key, patient hash and role; counts."""
+    """What the sidecar keeps of a split: per row its keyed key hash, content digest, patient pseudonym and role;
+    counts; and `key_check`, which tells evaluate whether it holds the same patient key."""
     return {
         "method": method,
-        "rows": [{"key": r.key, "patient": r.patient, "role": r.split} for r in rows],
+        "key_check": key_check(),
+        "rows": [{"key": key_hash(r.key), "digest": r.digest, "patient": r.patient, "role": r.split} for r in rows],
         "counts": split_counts(rows),
     }
 
@@ -238,7 +348,7 @@ def load_tensors(
         try:
             out.append((preprocess(load_volume(row.path), spec, transform), row.label))
         except ValueError as exc:
-            raise ManifestError(f"{row.path}: {exc}") from None
+            raise ManifestError(f"manifest line {row.line}: {exc}") from None
         if progress is not None:
             progress(1)
     return out

@@ -6,7 +6,10 @@ checkpoint (the one `predict` and the SR apply); the Youden cutoff of the
 evaluated set is shown second and labelled optimistic. With a checkpoint
 that saved its training split, a row is reported as test only if neither it
 nor any scan of its patient was used for training or for choosing the epoch
-and cutoff (`select_rows`); rows the checkpoint never saw are external.
+and cutoff (`select_rows`). Rows are matched to the saved split by content
+digest (wherever they are listed from), then by patient pseudonym; a row the
+checkpoint never saw is external if it has a patient identity and unverified
+(never test) if it has none.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.dataset import ManifestError, ManifestRow, _LABELS
+from model.checkpoint import CheckpointError
+from model.dataset import ROLES, ManifestError, ManifestRow, _LABELS, key_check, patient_key_path
 from model.metrics import (
     BinaryMetrics,
     binary_metrics,
@@ -60,22 +64,68 @@ def read_predictions(path: Path) -> tuple[list[int], list[float]]:
     return labels, scores
 
 
+_PRIORITY = {"train": 0, "validation": 1, "test": 2}  # a digest listed in several roles takes the touched one
+
+
+def legacy_split(training: dict) -> bool:
+    """Whether the sidecar holds a split recorded before content digests (its rows cannot be matched)."""
+    split = training.get("split") if isinstance(training, dict) else None
+    rows = split.get("rows") if isinstance(split, dict) else None
+    return (isinstance(rows, list) and bool(rows) and "key_check" not in split
+            and all(isinstance(r, dict) and "digest" not in r for r in rows))
+
+
 @dataclass(frozen=True)
 class SavedSplit:
     """The split a checkpoint was trained with (sidecar `training.split`)."""
 
-    role_by_key: dict[str, str]
+    role_by_digest: dict[str, str]
+    patient_by_digest: dict[str, str]
     roles_by_patient: dict[str, frozenset[str]]
 
     @classmethod
     def from_training(cls, training: dict) -> SavedSplit | None:
-        rows = (training.get("split") or {}).get("rows")
-        if not rows:
+        """None without a split (or with one recorded before content digests); CheckpointError if malformed
+        or recorded under another patient key."""
+        if not isinstance(training, dict):
+            raise CheckpointError("the checkpoint's sidecar `training` is not an object")
+        split = training.get("split")
+        if split is None or legacy_split(training):
             return None
+        bad = "the checkpoint's saved split (sidecar training.split) is malformed"
+        if not isinstance(split, dict):
+            raise CheckpointError(f"{bad}: not an object")
+        rows = split.get("rows")
+        if rows is None or rows == []:
+            return None
+        if not isinstance(rows, list):
+            raise CheckpointError(f"{bad}: `rows` is not a list")
+        for n, r in enumerate(rows, start=1):
+            if not isinstance(r, dict):
+                raise CheckpointError(f"{bad}: row {n} is not an object")
+            if r.get("role") not in ROLES:
+                raise CheckpointError(f"{bad}: row {n} has role {r.get('role')!r}, not train/validation/test")
+            for field in ("digest", "patient"):
+                if not isinstance(r.get(field), str) or not r[field]:
+                    raise CheckpointError(f"{bad}: row {n} has no {field}")
+        check = split.get("key_check")
+        if not isinstance(check, str):
+            raise CheckpointError(f"{bad}: no key_check")
+        if check != key_check():
+            raise CheckpointError(
+                f"the checkpoint's split was recorded under another patient pseudonym key than {patient_key_path()}: "
+                "its patients cannot be matched. Set MIGRAINE_NODE_PATIENT_KEY_FILE to the key file the checkpoint "
+                "was trained with")
+        role_by_digest: dict[str, str] = {}
+        patient_by_digest: dict[str, str] = {}
         by_patient: dict[str, set[str]] = {}
         for r in rows:
             by_patient.setdefault(r["patient"], set()).add(r["role"])
-        return cls({r["key"]: r["role"] for r in rows}, {p: frozenset(v) for p, v in by_patient.items()})
+            old = role_by_digest.get(r["digest"])
+            if old is None or _PRIORITY[r["role"]] < _PRIORITY[old]:
+                role_by_digest[r["digest"]] = r["role"]
+                patient_by_digest[r["digest"]] = r["patient"]
+        return cls(role_by_digest, patient_by_digest, {p: frozenset(v) for p, v in by_patient.items()})
 
 
 @dataclass(frozen=True)
@@ -83,22 +133,30 @@ class RowStatus:
     """What the checkpoint knows of one manifest row."""
 
     role: str  # train / validation / test, train-patient / validation-patient / test-patient (a scan the
-    # checkpoint does not list, of a patient it does), external (unknown patient), unverified (no saved split)
+    # checkpoint does not list, of a patient it does), external (unknown patient with a patient identity),
+    # unverified (no saved split, or no patient identity and no content match: never test)
     touched: bool  # the row, or another scan of its patient, was trained or tuned on
 
 
 def checkpoint_status(rows: Sequence[ManifestRow], saved: SavedSplit | None) -> list[RowStatus]:
-    """Each row's role in the checkpoint's split; a scan unknown by key inherits its patient's roles."""
+    """Each row's role in the checkpoint's split, matched by content digest, then by patient.
+
+    A scan unknown by content inherits its patient's roles; one without a
+    patient identity that matches nothing is unverified.
+    """
     if saved is None:
         return [RowStatus("unverified", False) for _ in rows]
     out = []
     for r in rows:
-        patient_roles = saved.roles_by_patient.get(r.patient, frozenset())
+        role = saved.role_by_digest.get(r.digest) if r.digest else None
+        patients = {r.patient} if r.patient else set()
+        if role is not None:
+            patients.add(saved.patient_by_digest[r.digest])
+        patient_roles = frozenset().union(*(saved.roles_by_patient.get(p, frozenset()) for p in patients))
         touched = bool(patient_roles & set(TOUCHED))
-        role = saved.role_by_key.get(r.key)
         if role is None:
             known = [k for k in (*TOUCHED, "test") if k in patient_roles]
-            role = f"{known[0]}-patient" if known else "external"
+            role = f"{known[0]}-patient" if known else "external" if r.identified else "unverified"
         out.append(RowStatus(role, touched or role in TOUCHED))
     return out
 
@@ -137,12 +195,19 @@ def select_rows(
         if leaked:
             by_role = ", ".join(f"{n} {k}" for k, n in sorted(Counter(status[i].role for i in leaked).items()))
             patients = len({rows[i].patient for i in leaked})
-            example = rows[leaked[0]]
             raise SplitLeakError(
                 f"refusing to report {len(leaked)} of {len(chosen)} row(s) as test: the model was trained or tuned "
                 f"on them or on another scan of their patient ({by_role}; {patients} patient(s); "
-                f"e.g. line {example.line}, {example.key}). Remove them, or use "
+                f"manifest line(s) {_lines(rows, leaked)}). Remove them, or use "
                 "--split all for a summary that is not a test estimate"
+            )
+        unverified = [i for i in chosen if status[i].role == "unverified"]
+        if unverified:
+            raise SplitLeakError(
+                f"refusing to report {len(unverified)} of {len(chosen)} row(s) as test: they cannot be checked "
+                "against the checkpoint's training data (no saved split, or no patient identity and no row of the "
+                f"saved split with the same content; manifest line(s) {_lines(rows, unverified)}). Add a patient "
+                "column, or use --split all for a summary that is not a test estimate"
             )
     else:
         chosen = tuple(i for i in every if status[i].role == split)
@@ -152,7 +217,7 @@ def select_rows(
     if split == "test" and not unverified and chosen:
         label = f"test estimate ({described})"
         is_test = True
-    elif unverified:
+    elif unverified and unverified == len(chosen):
         label = (f"{described} rows: the checkpoint records no training split, so they cannot be checked against "
                  "its training data; a test estimate only if none of them was used to train or tune it")
         is_test = False
@@ -160,9 +225,17 @@ def select_rows(
         label = f"{NOT_A_TEST_ESTIMATE}: {split} rows ({described})"
         if split == "validation":
             label += "; validation chose the epoch and the cutoff"
+        if unverified:
+            label += (f"; {unverified} unverified row(s) (no patient identity, no content match) cannot be checked "
+                      "against the checkpoint's training data")
         is_test = False
     set_aside = len(rows) - len(chosen) if split == "test" else 0
     return Selection(chosen, label, is_test, counts, set_aside)
+
+
+def _lines(rows: Sequence[ManifestRow], indices: Sequence[int], most: int = 10) -> str:
+    shown = ", ".join(str(rows[i].line) for i in indices[:most])
+    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
 
 
 def report(
@@ -178,7 +251,7 @@ def report(
 ) -> tuple[str, dict]:
     """Metrics at the given (checkpoint) cutoff first, then at the evaluated set's Youden cutoff, then calibration.
 
-    `row_info` adds per-row columns (key, patient, role) to predictions.csv.
+    `row_info` adds per-row columns (manifest line, patient pseudonym, role) to predictions.csv.
     """
     sections = []
     result: dict = {"title": title, "n": len(labels), "evaluated": evaluated}

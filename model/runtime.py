@@ -74,7 +74,8 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def cpu_threads() -> int:
-    """Intra-op threads for the ONNX runtimes: as many as torch uses (one per core it may run on)."""
+    """Intra-op threads for both ONNX runtimes (ONNX Runtime's intra_op_num_threads, OpenVINO's
+    INFERENCE_NUM_THREADS): as many as torch uses, which the worker sets per process."""
     return max(1, torch.get_num_threads())
 
 
@@ -144,9 +145,9 @@ class OpenVinoRuntime:
         import openvino as ov
 
         core = ov.Core()
-        config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
+        # Without INFERENCE_NUM_THREADS OpenVINO takes every core, in every worker process.
+        config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision,
+                  "INFERENCE_NUM_THREADS": threads or cpu_threads()}
         self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
         self._request = self.compiled.create_infer_request()
 

@@ -72,7 +72,7 @@ def seed_everything(seed: int) -> None:
 def auc_of(model: nn.Module, items: list[tuple[torch.Tensor, int]], device: torch.device) -> tuple[float, list[float]]:
     scores = predict_scores(model, [x for x, _ in items], device)
     labels = [y for _, y in items]
-    if len(set(labels)) < 2:
+    if len(set(labels)) < 2 or not all(math.isfinite(s) for s in scores):  # non-finite: diverged, never selected
         return math.nan, scores
     return delong_auc_variance(labels, scores)[0], scores
 
@@ -328,7 +328,8 @@ def train(
         bar.set_postfix(loss=f"{record['loss']:.3f}", val_auc=f"{val_auc:.3f}")
         stop = on_epoch is not None and bool(on_epoch({**record, "epochs": config.epochs}))
         improved = is_better(val_auc, val_loss, best_auc, best_loss)
-        if improved or best_epoch < 0:
+        finite = all(math.isfinite(v) for v in scores)
+        if improved or (best_epoch < 0 and finite):
             best_auc = val_auc if improved else best_auc
             best_loss = val_loss if improved else best_loss
             best_epoch = epoch
@@ -364,6 +365,9 @@ def train(
     bar.close()
     if not resumable:
         state_path.unlink(missing_ok=True)
+    if best_epoch < 0 and history:
+        raise ValueError(f"training diverged: no epoch of {len(history)} gave finite validation scores (NaN or "
+                         "infinite probabilities); try a lower --lr, and start a new output folder")
     if info is None:
         from model.checkpoint import read_info
 

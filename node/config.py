@@ -21,6 +21,8 @@ from node.errors import ConfigError
 
 ENV_PREFIX = "MIGRAINE_NODE_"
 CONFIG_ENV = "MIGRAINE_NODE_CONFIG"
+# Not a setting: the research commands' patient-pseudonym key file (model/dataset.py).
+PATIENT_KEY_ENV = "MIGRAINE_NODE_PATIENT_KEY_FILE"
 # Where an installed node keeps its config (deploy/migraine-node.service); used when neither
 # --config nor $MIGRAINE_NODE_CONFIG names one, so admin commands work from any folder.
 DEFAULT_CONFIG_PATH = Path("/etc/migraine-node/config.toml")
@@ -294,7 +296,7 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
         name
         for name in os.environ
         if name.startswith(ENV_PREFIX)
-        and name != CONFIG_ENV
+        and name not in (CONFIG_ENV, PATIENT_KEY_ENV)
         and name[len(ENV_PREFIX) :].split("__")[0].lower() not in Settings.model_fields
     )
     if stray:

@@ -37,6 +37,12 @@ def selection_failed(queue: JobQueue, job_id: int, reason: str, now: float | Non
         queue._set_state(conn, job_id, SeriesState.FAILED, now, reason=reason)  # noqa: SLF001 - same transitions
 
 
+@dataclasses.dataclass(frozen=True)
+class Selected:
+    handled: int  # jobs judged: queued, skipped, or failed selection
+    queued: int  # of those, jobs queued for a worker
+
+
 class Dispatcher:
     def __init__(self, queue: JobQueue, spool: Spool, rules: SelectionRules | None = None) -> None:
         self.queue = queue
@@ -44,8 +50,15 @@ class Dispatcher:
         self.rules = rules or SelectionRules()
 
     def run(self) -> int:
-        """Select every job awaiting selection; returns how many were handled."""
-        handled = 0
+        """Select every job awaiting selection; returns how many were handled (queued, skipped or failed)."""
+        return self.select_all().handled
+
+    def select_all(self) -> Selected:
+        """Select every job awaiting selection; says how many were handled and how many of them were queued.
+
+        A study brings 10-20 series of which about one is a 3D T1: only `queued` wakes a worker.
+        """
+        handled = queued = 0
         for job_id, series_uid in self.queue.awaiting_selection():
             with log_context(job=job_id, series=series_uid):
                 try:
@@ -69,6 +82,7 @@ class Dispatcher:
                     log.error("%s", reason)
                 else:
                     self.queue.selected(job_id, decision.accepted, decision.reason)
+                    queued += decision.accepted
                     log.info("%s: %s", "queued" if decision.accepted else "skipped", decision.reason)
             handled += 1
-        return handled
+        return Selected(handled, queued)

@@ -222,10 +222,14 @@ class NodeService:
             self.selection.wake()
 
     def _select(self) -> None:
-        """Select what completed; a waiting worker takes each queued job at once."""
-        handled = self.dispatcher.run()
+        """Select what completed; a waiting worker takes each queued job at once.
+
+        One permit per job queued (skipped and failed series wake nobody), at most one per worker
+        process: a permit no job waits for makes an idle worker query the queue for nothing.
+        """
+        queued = self.dispatcher.select_all().queued
         if self._work_ready is not None:
-            for _ in range(min(handled, self.settings.worker.processes)):
+            for _ in range(min(queued, self.settings.worker.processes)):
                 self._work_ready.release()
 
     @staticmethod

@@ -24,6 +24,8 @@ def _no_system_config(monkeypatch, tmp_path_factory):
     import node.config
 
     monkeypatch.setattr(node.config, "DEFAULT_CONFIG_PATH", tmp_path_factory.getbasetemp() / "no-such-config.toml")
+    # Nor may a test create or read the site's patient-pseudonym key in the home directory.
+    monkeypatch.setenv("MIGRAINE_NODE_PATIENT_KEY_FILE", str(tmp_path_factory.getbasetemp() / "patient-key"))
 
 
 @pytest.fixture(autouse=True)

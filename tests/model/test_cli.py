@@ -7,8 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from model.dataset import KEY_FILE_ENV
 from model.demo import build_demo_model
 from node.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _patient_key(tmp_path, monkeypatch):
+    """A patient key of the test's own: tests never touch ~/."""
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "patient-key"))
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -80,7 +87,9 @@ def test_train_and_evaluate_from_manifest(tmp_path, capsys):
     from model.synth import Subject, synthetic_volume_object, write_series
 
     rows = ["path,label,patient"]
-    scans = [("a1", "PA", 1), ("a2", "PA", 1), ("b1", "PB", 0), ("b2", "PB", 0), ("c", "PC", 1), ("d", "PD", 0)]
+    # Distinctive patient IDs and folder names (patient names, as sites name folders): they must appear nowhere.
+    scans = [("DOE^ZEBEDIAH_a1", "MRNZQXA", 1), ("DOE^ZEBEDIAH_a2", "MRNZQXA", 1), ("b1", "MRNZQXB", 0),
+             ("b2", "MRNZQXB", 0), ("c", "MRNZQXC", 1), ("d", "MRNZQXD", 0)]
     for i, (name, pid, label) in enumerate(scans):
         write_series(tmp_path / name, slices=12, rows=20, columns=20, spacing=10.0, responder=bool(label), seed=i,
                      patient_id=pid)
@@ -88,30 +97,34 @@ def test_train_and_evaluate_from_manifest(tmp_path, capsys):
     for i in range(2):  # NIfTI rows, named by the patient column
         volume = synthetic_volume_object(Subject(responder=i == 0), seed=i, spacing=10.0, shape=(16, 20, 20))
         nib.save(nib.Nifti1Image(volume.array, volume.ras_affine), tmp_path / f"n{i}.nii.gz")
-        rows.append(f"n{i}.nii.gz,{1 if i == 0 else 0},N{i}")
+        rows.append(f"n{i}.nii.gz,{1 if i == 0 else 0},MRNZQXN{i}")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("\n".join(rows) + "\n")
     spec = "spacing=16,16,16;shape=12,16,16"
     code, out, err = run(capsys, "train", "--manifest", str(manifest), "--out", str(tmp_path / "ckpt"), "--epochs", "1",
                          "--batch-size", "2", "--input-spec", spec, "--device", "cpu", "--seed", "3")
     assert code == 0, err
+    assert "ZEBEDIAH" not in out + err and "MRNZQX" not in out + err
     assert "split by patient: train" in out and "best epoch 0 by validation AUC" in out and "test AUC" in out
     sidecar = json.loads((tmp_path / "ckpt" / "model.json").read_text())
     training = sidecar["training"]
     assert sidecar["synthetic"] is False and sidecar["input_spec"]["shape"] == [12, 16, 16]
     split = training["split"]
-    assert [r["key"] for r in split["rows"]] == [n for n, _, _ in scans] + ["n0.nii.gz", "n1.nii.gz"]
-    role_of = {r["key"]: r["role"] for r in split["rows"]}
-    assert role_of["a1"] == role_of["a2"] and role_of["b1"] == role_of["b2"]  # a patient's scans stay together
+    names = [n for n, _, _ in scans] + ["n0.nii.gz", "n1.nii.gz"]
+    role_of = dict(zip(names, (r["role"] for r in split["rows"])))
+    assert len(split["rows"]) == 8 and all(len(r["digest"]) == 64 for r in split["rows"])
+    assert role_of["DOE^ZEBEDIAH_a1"] == role_of["DOE^ZEBEDIAH_a2"] and role_of["b1"] == role_of["b2"]  # together
     counts = split["counts"]
     assert all(counts[r]["patients"] == 2 and counts[r]["responder_patients"] == 1 for r in counts)  # stratified
     assert training["n_test"] == counts["test"]["rows"] and training["n_validation"] == counts["validation"]["rows"]
-    assert "PA" not in json.dumps(sidecar).replace("PATIENT", "")
+    assert "MRNZQX" not in json.dumps(sidecar) and "ZEBEDIAH" not in json.dumps(sidecar)
 
     code, out, err = run(capsys, "evaluate", "--manifest", str(manifest), "--checkpoint", str(tmp_path / "ckpt"),
                          "--out", str(tmp_path / "ev"), "--device", "cpu")
     assert code == 0, err
     assert f"test estimate ({counts['test']['rows']} test)" in out
+    written = (tmp_path / "ev" / "predictions.csv").read_text() + (tmp_path / "ev" / "metrics.json").read_text()
+    assert "MRNZQX" not in written + out + err and "ZEBEDIAH" not in written + out + err
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["n"] == counts["test"]["rows"] and metrics["at_checkpoint_cutoff"]["cutoff"] == sidecar["cutoff"]
     assert metrics["at_checkpoint_cutoff"]["auc"] == pytest.approx(training["test_auc"], abs=1e-3)
@@ -126,7 +139,7 @@ def test_train_and_evaluate_from_manifest(tmp_path, capsys):
     code, _, err = run(capsys, "evaluate", "--manifest", str(tmp_path / "new.csv"), "--checkpoint",
                        str(tmp_path / "ckpt"), "--device", "cpu")
     assert code == 1 and "refusing to report 1 of 2 row(s) as test" in err and "1 train-patient" in err, err
-    assert "own patient" in err and trained not in err
+    assert "own patient" in err and trained not in err and "ZEBEDIAH" not in err and "rescan" not in err
 
     manifest.write_text("path,label\na1,maybe\n")
     code, _, err = run(capsys, "train", "--manifest", str(manifest), "--out", str(tmp_path / "x"))

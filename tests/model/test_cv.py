@@ -12,11 +12,19 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.cv import fold_assignment, fold_roles, pooled_metrics, run_cross_validation
-from model.dataset import ManifestRow, patient_hash
+from model.cv import FoldPlanError, fold_assignment, fold_roles, plan_folds, pooled_metrics, run_cross_validation
+from model.dataset import KEY_FILE_ENV, ManifestRow, key_hash, patient_hash
 from model.metrics import delong_ci
 from model.train import TrainConfig, predict_scores
 from tests.model.test_train import SPEC, tiny_items
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _patient_key(tmp_path_factory):
+    """A patient key of this module's own: tests never touch ~/."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_FILE_ENV, str(tmp_path_factory.mktemp("key") / "patient-key"))
+        yield
 
 
 def _cohort(n_patients: int, two_scans_every: int = 3) -> tuple[list[str], list[int]]:
@@ -89,13 +97,13 @@ def test_pooled_metrics_label_each_row_at_its_own_fold_cutoff():
 def test_cross_validation_end_to_end(tmp_path):
     """3 folds on 9 patients (3 with two scans), tiny tensors, 1 epoch each: files, each row once, honest scores."""
     items = tiny_items(12, seed=5)
-    patients = ["P0", "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P0", "P3", "P6"]
+    patients = [f"MRNZQX{i}" for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 3, 6)]  # distinctive: must appear nowhere
     labels = [y for _, y in items]
     label_of = {}
     for p, y in zip(patients, labels):
         label_of.setdefault(p, y)
     items = [(x, label_of[p]) for (x, _), p in zip(items, patients)]  # one label per patient
-    rows = [ManifestRow(Path(f"s{i}"), y, None, patient_hash(p), f"s{i}", i + 2)
+    rows = [ManifestRow(Path(f"s{i}"), y, None, patient_hash(p), f"DOE^ZEBEDIAH_{i}/s{i}", i + 2, True, f"d{i}")
             for i, ((_, y), p) in enumerate(zip(items, patients))]
     config = TrainConfig(epochs=1, batch_size=4, seed=0, device="cpu", augment=False)
     pooled, folds, summary = run_cross_validation(rows, items, SPEC, config, tmp_path, 3, name="cv", manifest="m.csv",
@@ -104,7 +112,7 @@ def test_cross_validation_end_to_end(tmp_path):
         assert sorted(p.name for p in (tmp_path / f"fold-{fold}").iterdir()) == ["model.json", "weights.pt"]
     with open(tmp_path / "cv_predictions.csv") as fh:
         written = list(csv.DictReader(fh))
-    assert sorted(r["key"] for r in written) == sorted(r.key for r in rows)  # every row exactly once
+    assert sorted(int(r["line"]) for r in written) == sorted(r.line for r in rows)  # every row exactly once
     on_disk = json.loads((tmp_path / "cv.json").read_text())
     assert on_disk["n_patients"] == 9 and len(on_disk["per_fold"]) == 3
     assert {"at_own_fold_cutoff", "calibration"} <= set(on_disk["pooled"])
@@ -118,12 +126,18 @@ def test_cross_validation_end_to_end(tmp_path):
         model, info = load_checkpoint(Path(fold["checkpoint"]))
         test_keys = [r["key"] for r in info.training["split"]["rows"] if r["role"] == "test"]
         mine = [r for r in written if int(r["fold"]) == fold["fold"]]
-        assert sorted(test_keys) == sorted(r["key"] for r in mine)
+        index = {str(r.line): i for i, r in enumerate(rows)}
+        assert sorted(test_keys) == sorted(key_hash(rows[index[r["line"]]].key) for r in mine)
         assert float(mine[0]["cutoff"]) == pytest.approx(info.cutoff, abs=1e-6)
-        index = {r.key: i for i, r in enumerate(rows)}
-        again = predict_scores(model, [items[index[r["key"]]][0] for r in mine], torch.device("cpu"))
+        again = predict_scores(model, [items[index[r["line"]]][0] for r in mine], torch.device("cpu"))
         assert again == pytest.approx([float(r["probability"]) for r in mine], abs=1e-5)
     assert summary["pooled"]["at_own_fold_cutoff"]["n"] == 12 == pooled.metrics.n
+    # No patient identifier and no manifest path (patient names) in any output.
+    outputs = [tmp_path / "cv.json", tmp_path / "cv_predictions.csv",
+               *(tmp_path / f"fold-{f}" / "model.json" for f in range(1, 4))]
+    for path in outputs:
+        text = path.read_text()
+        assert "MRNZQX" not in text and "ZEBEDIAH" not in text, path
 
     # --resume reuses the finished folds (same settings and split) instead of training them again.
     said: list[str] = []
@@ -134,3 +148,28 @@ def test_cross_validation_end_to_end(tmp_path):
     run_cross_validation(rows, items, SPEC, replace(config, lr=1e-3), tmp_path, 3, name="cv", manifest="m.csv",
                          progress=False, resume=True, say=said.append)
     assert sum("reused" in line for line in said) == 3  # other settings: every fold trained again
+
+
+def _plan_rows(n_responders: int, n_non: int) -> list[ManifestRow]:
+    labels = [1] * n_responders + [0] * n_non
+    return [ManifestRow(Path(f"s{i}"), y, None, patient_hash(f"P{i}"), f"s{i}", i + 2, True, f"d{i}")
+            for i, y in enumerate(labels)]
+
+
+def test_every_fold_is_checked_before_any_trains(tmp_path, monkeypatch):
+    """Two responders in three folds: a fold holding one of them leaves one responder outside it, which cannot
+    be in both its training and its validation split. Refused up front, naming the fold, with nothing trained."""
+    rows = _plan_rows(2, 7)
+    with pytest.raises(FoldPlanError, match=r"fold \d of 3: its (train|validation) split needs both"):
+        plan_folds(rows, 3, seed=0)
+    folds = fold_assignment([r.patient for r in rows], [r.label for r in rows], 3, 0)
+    assert len(set(folds)) == 3
+    calls = []
+    monkeypatch.setattr("model.train.train", lambda *a, **k: calls.append(a) or pytest.fail("trained"))
+    items = tiny_items(9, seed=1)
+    with pytest.raises(FoldPlanError, match=r"fold \d of 3"):
+        run_cross_validation(rows, items, SPEC, TrainConfig(epochs=1, device="cpu"), tmp_path, 3, name="cv",
+                             manifest="m.csv", progress=False, say=lambda line: None)
+    assert calls == [] and not list(tmp_path.iterdir())
+    folds, plans = plan_folds(_plan_rows(6, 6), 3, seed=0)  # enough of each class: every fold plans
+    assert len(plans) == 3 and all({"train", "validation", "test"} <= set(p) for p in plans)

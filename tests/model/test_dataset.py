@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import stat
 from collections import Counter, defaultdict
 
 import nibabel as nib
@@ -9,14 +12,27 @@ import numpy as np
 import pytest
 
 from model.dataset import (
+    KEY_FILE_ENV,
     ManifestError,
     assign_roles,
+    content_digest,
     grouped_stratified_roles,
+    key_check,
+    key_hash,
     patient_hash,
+    patient_key_path,
     read_manifest,
     split_record,
 )
 from model.synth import write_series
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _patient_key(tmp_path_factory):
+    """A patient key of this module's own: tests never touch ~/."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_FILE_ENV, str(tmp_path_factory.mktemp("key") / "patient-key"))
+        yield
 
 
 def _nifti(path, value: float = 1.0) -> None:
@@ -44,7 +60,7 @@ def test_patient_from_column_or_dicom_header_is_only_kept_hashed(tmp_path):
     warnings = []
     rows = read_manifest(manifest, warn=warnings.append)
     assert [r.key for r in rows] == ["a1", "a2", "b", "c.nii.gz", "d.nii.gz"]
-    # Two scans of one DICOM patient share one hash: sha256 of the PatientID, 16 hex.
+    # Two scans of one DICOM patient share one pseudonym: keyed hash of the PatientID, 16 hex.
     assert rows[0].patient == rows[1].patient == patient_hash("PAT-0001") != rows[2].patient
     assert len(rows[0].patient) == 16 and rows[3].patient == patient_hash("MRN 42")
     for r in rows:  # the identifiers themselves are never kept
@@ -61,9 +77,9 @@ def test_conflicting_labels_of_one_patient_name_the_rows(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label,patient\nx.nii.gz,responder,P1\ny.nii.gz,non-responder,P2\n"
                         "z.nii.gz,non-responder,P1\n")
-    with pytest.raises(ManifestError, match=r"conflicting labels: line 2 \(x.nii.gz: responder\), line 4") as err:
+    with pytest.raises(ManifestError, match=r"conflicting labels: line 2 \(responder\), line 4") as err:
         read_manifest(manifest)
-    assert "P1" not in str(err.value).replace(patient_hash("P1"), "")
+    assert "P1" not in str(err.value) and patient_hash("P1") not in str(err.value) and "x.nii" not in str(err.value)
 
 
 def test_grouped_stratified_roles_keep_patients_whole_and_classes_balanced():
@@ -128,9 +144,47 @@ def test_split_record_lists_every_row_with_key_patient_and_role(tmp_path):
     lines = ["path,label,patient"] + [f"s{i}.nii,{i % 2},P{i // 2 * 2 + i % 2}" for i in range(12)]
     rows, method = assign_roles(_rows(tmp_path, "\n".join(lines) + "\n"), seed=2)
     record = split_record(rows, method)
-    assert [e["key"] for e in record["rows"]] == [f"s{i}.nii" for i in range(12)]
+    # Keys (paths, which may name patients) only keyed-hashed; the content digest is what evaluate matches.
+    assert [e["key"] for e in record["rows"]] == [key_hash(f"s{i}.nii") for i in range(12)]
+    assert all(e["digest"] == content_digest(r.path) == r.digest for e, r in zip(record["rows"], rows))
+    assert record["key_check"] == key_check() and "s0.nii" not in str(record)
     assert {e["role"] for e in record["rows"]} == {"train", "validation", "test"}
     assert all(e["patient"] == r.patient for e, r in zip(record["rows"], rows))
     counts = record["counts"]
     assert sum(c["rows"] for c in counts.values()) == 12
     assert sum(c["patients"] for c in counts.values()) == len({r.patient for r in rows})
+
+
+def test_pseudonyms_are_keyed_by_a_private_site_key(tmp_path, monkeypatch, capsys):
+    pid = "123456"  # a short hospital ID: plain sha256 would be reversed by enumerating them
+    mine = patient_hash(pid)
+    assert len(mine) == 16 and mine != hashlib.sha256(pid.encode()).hexdigest()[:16]
+    assert mine != hashlib.sha256(f"patient:{pid}".encode()).hexdigest()[:16]
+    key_file = tmp_path / "site" / "patient-key"
+    monkeypatch.setenv(KEY_FILE_ENV, str(key_file))
+    capsys.readouterr()
+    other = patient_hash(pid)
+    assert len(other) == 16 and other != mine and key_check() != ""
+    # Created on first use: 32 random bytes, owner-only, one note on stderr.
+    assert len(key_file.read_bytes()) == 32
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    err = capsys.readouterr().err
+    assert str(key_file) in err and "same key" in err
+    assert patient_hash(pid) == other and capsys.readouterr().err == ""  # stable, no second note
+    # Default: $XDG_DATA_HOME/migraine-node/patient-key.
+    monkeypatch.delenv(KEY_FILE_ENV)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert patient_key_path() == tmp_path / "xdg" / "migraine-node" / "patient-key"
+
+
+def test_content_digest_follows_the_data_not_its_path(tmp_path):
+    write_series(tmp_path / "a", slices=6, rows=8, columns=8, spacing=12.0, seed=1)
+    write_series(tmp_path / "b", slices=6, rows=8, columns=8, spacing=12.0, seed=2)
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "copy")
+    assert content_digest(tmp_path / "a") == content_digest(tmp_path / "elsewhere" / "copy")
+    assert content_digest(tmp_path / "a") != content_digest(tmp_path / "b")
+    _nifti(tmp_path / "x.nii.gz", 1.0)
+    _nifti(tmp_path / "y.nii.gz", 2.0)
+    x = (tmp_path / "x.nii.gz").read_bytes()
+    assert content_digest(tmp_path / "x.nii.gz") == hashlib.sha256(x).hexdigest()
+    assert content_digest(tmp_path / "x.nii.gz") != content_digest(tmp_path / "y.nii.gz")

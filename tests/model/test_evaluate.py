@@ -10,14 +10,22 @@ import nibabel as nib
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.dataset import ManifestRow, patient_hash
+from model.checkpoint import CheckpointError, save_checkpoint
+from model.dataset import KEY_FILE_ENV, ManifestRow, content_digest, key_check, key_hash, patient_hash
 from model.evaluate import SavedSplit, SplitLeakError, checkpoint_status, report, select_rows
 from model.metrics import brier_score, calibration
 from model.network import build_network
 from model.preprocess import InputSpec
 from model.synth import Subject, synthetic_volume_object
 from node.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _patient_key(tmp_path_factory):
+    """A patient key of this module's own: tests never touch ~/."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_FILE_ENV, str(tmp_path_factory.mktemp("key") / "patient-key"))
+        yield
 
 
 def test_brier_score_known_values():
@@ -61,21 +69,26 @@ def test_report_headlines_the_checkpoint_cutoff_and_labels_youden_optimistic(tmp
                           "predicted": "responder"}
 
 
-def _row(key: str, patient: str, label: int = 0, split: str | None = None) -> ManifestRow:
-    return ManifestRow(Path(key), label, split, patient_hash(patient), key, 2)
+def _row(key: str, patient: str | None, label: int = 0, split: str | None = None, line: int = 2) -> ManifestRow:
+    """A row whose content digest is its key's (`digest-KEY`); patient None: no patient identity."""
+    identity = patient if patient is not None else f"row:{key}"
+    return ManifestRow(Path(key), label, split, patient_hash(identity), key, line, patient is not None, f"digest-{key}")
 
 
-SAVED = SavedSplit.from_training({"split": {"rows": [
-    {"key": "a", "patient": patient_hash("A"), "role": "train"},
-    {"key": "b", "patient": patient_hash("B"), "role": "validation"},
-    {"key": "c", "patient": patient_hash("C"), "role": "test"},
-    {"key": "d", "patient": patient_hash("D"), "role": "test"},
-]}})
+def _saved_training() -> dict:
+    return {"split": {"key_check": key_check(), "rows": [
+        {"key": key_hash(k), "digest": f"digest-{k}", "patient": patient_hash(p), "role": role}
+        for k, p, role in (("a", "A", "train"), ("b", "B", "validation"), ("c", "C", "test"), ("d", "D", "test"))
+    ]}}
+
+
+def _saved() -> SavedSplit:
+    return SavedSplit.from_training(_saved_training())
 
 
 def test_default_test_selection_sets_known_training_rows_aside_and_labels_external():
     rows = [_row("a", "A"), _row("b", "B"), _row("c", "C"), _row("d", "D"), _row("e", "E"), _row("c2", "C")]
-    status = checkpoint_status(rows, SAVED)
+    status = checkpoint_status(rows, _saved())
     assert [s.role for s in status] == ["train", "validation", "test", "test", "external", "test-patient"]
     assert [s.touched for s in status] == [True, True, False, False, False, False]
     sel = select_rows(rows, status, "test", manifest_has_split=False)
@@ -83,15 +96,24 @@ def test_default_test_selection_sets_known_training_rows_aside_and_labels_extern
     assert "1 external" in sel.label and "2 test" in sel.label
 
 
-@pytest.mark.parametrize("rows, match", [
+@pytest.mark.parametrize("make_rows, match", [
     # The evaluation manifest calls a training row and a validation row test.
-    ([_row("a", "A", split="test"), _row("b", "B", split="test"), _row("c", "C", split="test")],
+    (lambda: [_row("a", "A", split="test"), _row("b", "B", split="test"), _row("c", "C", split="test")],
      r"2 of 3 row\(s\) as test.*1 train, 1 validation; 2 patient"),
     # A scan the checkpoint never listed, of a patient it trained on.
-    ([_row("c", "C"), _row("a-rescan", "A")], r"1 of 2 row\(s\) as test.*1 train-patient.*a-rescan"),
+    (lambda: [_row("c", "C"), _row("a-rescan", "A", line=7)],
+     r"1 of 2 row\(s\) as test.*1 train-patient.*line\(s\) 7\)"),
+    # The training file itself, listed without a patient identity under another key (another manifest folder).
+    (lambda: [_row("c", "C", split="test"),
+              ManifestRow(Path("x"), 0, "test", patient_hash("row:../x/a"), "../x/a", 3, False, "digest-a")],
+     r"1 of 2 row\(s\) as test.*1 train;.*line\(s\) 3\)"),
+    # No patient identity and no content match: cannot be verified, never test.
+    (lambda: [_row("c", "C"), _row("new", None, line=5)],
+     r"1 of 2 row\(s\) as test: they cannot be checked.*line\(s\) 5\)"),
 ])
-def test_rows_of_trained_or_tuned_patients_are_refused_as_test(rows, match):
-    status = checkpoint_status(rows, SAVED)
+def test_rows_of_trained_or_tuned_patients_are_refused_as_test(make_rows, match):
+    rows = make_rows()  # built under the test key, not at collection
+    status = checkpoint_status(rows, _saved())
     with pytest.raises(SplitLeakError, match=match):
         select_rows(rows, status, "test", manifest_has_split=any(r.split for r in rows))
     # --split all is allowed, and says it is not a test estimate.
@@ -128,11 +150,13 @@ def cohort(tmp_path_factory):
         volume = synthetic_volume_object(Subject(responder=i % 2 == 0), seed=i, spacing=8.0, shape=(20, 24, 24))
         nib.save(nib.Nifti1Image(volume.array, volume.ras_affine), root / f"s{i}.nii.gz")
         lines.append(f"s{i}.nii.gz,{i % 2 == 0:d},{patient}")
-        split_rows.append({"key": f"s{i}.nii.gz", "patient": patient_hash(patient), "role": role})
+        split_rows.append({"key": key_hash(f"s{i}.nii.gz"), "digest": content_digest(root / f"s{i}.nii.gz"),
+                           "patient": patient_hash(patient), "role": role})
     (root / "m.csv").write_text("\n".join(lines) + "\n")
     torch.manual_seed(0)
     save_checkpoint(root / "ckpt", build_network("resnet18"), name="split", architecture="resnet18",
-                    input_spec=SPEC, cutoff=0.5, synthetic=True, training={"split": {"rows": split_rows}})
+                    input_spec=SPEC, cutoff=0.5, synthetic=True,
+                    training={"split": {"key_check": key_check(), "rows": split_rows}})
     return root
 
 
@@ -142,8 +166,9 @@ def test_evaluate_reuses_the_saved_split(cohort, capsys, tmp_path):
     assert code == 0, err
     assert "test estimate (4 test); 4 other manifest row(s) not evaluated" in out
     with open(tmp_path / "ev" / "predictions.csv") as fh:
-        keys = [r["key"] for r in csv.DictReader(fh)]
-    assert keys == ["s4.nii.gz", "s5.nii.gz", "s6.nii.gz", "s7.nii.gz"]
+        written = list(csv.DictReader(fh))
+    assert [r["line"] for r in written] == ["6", "7", "8", "9"]  # manifest lines, not paths
+    assert "s4.nii.gz" not in (tmp_path / "ev" / "predictions.csv").read_text()
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["n"] == 4 and metrics["at_checkpoint_cutoff"]["cutoff"] == 0.5
 
@@ -162,3 +187,72 @@ def test_evaluate_refuses_training_rows_as_test(cohort, capsys):
     assert code == 1
     assert "refusing to report 4 of 8 row(s) as test" in err and "2 train, 2 validation" in err
     assert "P0" not in err  # patients are never named by their identifier
+
+
+def test_a_training_file_listed_from_another_folder_is_refused_as_test(cohort, capsys, tmp_path):
+    """The same training and validation files, listed without a patient column from a manifest in another
+    folder (other keys, so other row hashes): matched by content, refused as test, not called external."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "m.csv").write_text(f"path,label\n{cohort / 's0.nii.gz'},1\n{cohort / 's3.nii.gz'},0\n"
+                                 f"{cohort / 's4.nii.gz'},1\n{cohort / 's5.nii.gz'},0\n")
+    # Asked for as test by a split column: refused.
+    (other / "asked.csv").write_text("".join(line + (",split\n" if i == 0 else ",test\n") for i, line in
+                                             enumerate((other / "m.csv").read_text().splitlines())))
+    code, out, err = run(capsys, "evaluate", "--manifest", str(other / "asked.csv"), "--checkpoint",
+                         str(cohort / "ckpt"), "--device", "cpu")
+    assert code == 1 and "refusing to report 2 of 4 row(s) as test" in err and "1 train, 1 validation" in err, err
+    assert "line(s) 2, 3)" in err and "s0.nii" not in err
+    # Without one: recognised and set aside; only the held-out row is reported as test.
+    code, out, err = run(capsys, "evaluate", "--manifest", str(other / "m.csv"), "--checkpoint",
+                         str(cohort / "ckpt"), "--device", "cpu")
+    assert code == 0 and "test estimate (2 test); 2 other manifest row(s) not evaluated" in out, err
+    code, out, err = run(capsys, "evaluate", "--manifest", str(other / "m.csv"), "--checkpoint",
+                         str(cohort / "ckpt"), "--split", "all", "--device", "cpu")
+    assert code == 0 and "NOT A TEST ESTIMATE: all rows (2 test, 1 train, 1 validation)" in out, err
+
+    # A new file without a patient identity: unverified, never test; with a patient identity: external.
+    volume = synthetic_volume_object(Subject(responder=True), seed=99, spacing=8.0, shape=(20, 24, 24))
+    nib.save(nib.Nifti1Image(volume.array, volume.ras_affine), other / "new.nii.gz")
+    (other / "new.csv").write_text(f"path,label\n{cohort / 's5.nii.gz'},0\nnew.nii.gz,1\n")
+    code, _, err = run(capsys, "evaluate", "--manifest", str(other / "new.csv"), "--checkpoint",
+                       str(cohort / "ckpt"), "--device", "cpu")
+    assert code == 1 and "1 of 2 row(s) as test: they cannot be checked" in err and "line(s) 3)" in err, err
+    code, out, err = run(capsys, "evaluate", "--manifest", str(other / "new.csv"), "--checkpoint",
+                         str(cohort / "ckpt"), "--split", "all", "--device", "cpu")
+    assert code == 0 and "NOT A TEST ESTIMATE" in out and "1 unverified row(s)" in out, err
+    (other / "named.csv").write_text(f"path,label,patient\n{cohort / 's5.nii.gz'},0,Q8\nnew.nii.gz,1,Q9\n")
+    code, out, err = run(capsys, "evaluate", "--manifest", str(other / "named.csv"), "--checkpoint",
+                         str(cohort / "ckpt"), "--device", "cpu")
+    assert code == 0 and "test estimate (1 external, 1 test)" in out, err
+
+
+@pytest.mark.parametrize("split, match", [
+    ("rows", "not an object"),
+    ({"rows": "a,b"}, "`rows` is not a list"),
+    ({"rows": ["a"]}, "row 1 is not an object"),
+    ({"rows": [{"digest": "d", "patient": "p", "role": "train"}, {"key": "b", "role": "test"}]}, "row 2 has no digest"),
+    ({"rows": [{"digest": "d", "patient": "p", "role": "holdout"}]}, "role 'holdout'"),
+    ({"rows": [{"digest": "d", "patient": "p", "role": "train"}]}, "no key_check"),
+])
+def test_malformed_saved_split_is_a_checkpoint_error(split, match):
+    with pytest.raises(CheckpointError, match=match):
+        SavedSplit.from_training({"split": split})
+    # A split recorded before digests (plain keys, no key check) is not malformed: it cannot be matched (None).
+    assert SavedSplit.from_training({"split": {"rows": [{"key": "a", "patient": "p", "role": "train"}]}}) is None
+
+
+def test_malformed_sidecar_split_through_evaluate(cohort, capsys, tmp_path):
+    save_checkpoint(tmp_path / "ckpt", build_network("resnet18"), name="bad", architecture="resnet18",
+                    input_spec=SPEC, cutoff=0.5, synthetic=True,
+                    training={"split": {"key_check": key_check(), "rows": [{"digest": "d", "role": "train"}]}})
+    code, _, err = run(capsys, "evaluate", "--manifest", str(cohort / "m.csv"), "--checkpoint", str(tmp_path / "ckpt"),
+                       "--device", "cpu")
+    assert code == 1 and "saved split (sidecar training.split) is malformed: row 1 has no patient" in err
+
+
+def test_a_split_saved_under_another_patient_key_is_refused(monkeypatch, tmp_path):
+    training = _saved_training()
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "other-key"))
+    with pytest.raises(CheckpointError, match="another patient pseudonym key"):
+        SavedSplit.from_training(training)

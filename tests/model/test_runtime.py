@@ -39,15 +39,21 @@ def cache(tmp_path_factory, checkpoint):
 
 @pytest.fixture(scope="module")
 def inputs():
+    # The random network's logits are about +-0.1 (p 0.47, 0.41) at scales 1 and 3; at 10 they are
+    # about +-0.6 (p 0.22), where a scale error in the logits moves p far more.
     generator = torch.Generator().manual_seed(11)
-    return [torch.randn(1, *SPEC.shape, generator=generator) * scale for scale in (1.0, 3.0)]
+    return [torch.randn(1, *SPEC.shape, generator=generator) * scale for scale in (1.0, 3.0, 10.0)]
 
 
-def eager_probability(checkpoint, tensor: torch.Tensor) -> float:
+def eager_logits(checkpoint, tensor: torch.Tensor) -> torch.Tensor:
     """Plain torch: contiguous layout, no runtime in between."""
     model, _ = load_checkpoint(checkpoint)
     with torch.no_grad():
-        return float(torch.softmax(model(tensor.unsqueeze(0)), dim=1)[0, 1])
+        return model(tensor.unsqueeze(0)).float()
+
+
+def eager_probability(checkpoint, tensor: torch.Tensor) -> float:
+    return float(torch.softmax(eager_logits(checkpoint, tensor), dim=1)[0, 1])
 
 
 @pytest.fixture
@@ -77,7 +83,12 @@ def test_same_probability_as_torch_eager(runtime, checkpoint, cache, inputs):
     predictor = Predictor(checkpoint, device="cpu", runtime=runtime, cache_dir=cache)
     expected = [eager_probability(checkpoint, x) for x in inputs]
     assert abs(expected[0] - expected[1]) > 1e-3  # the inputs tell runtimes apart: a constant answer fails
+    assert min(abs(p - 0.5) for p in expected) < 0.1 and max(abs(p - 0.5) for p in expected) > 0.2
     for x, p in zip(inputs, expected):
+        # The logits themselves: with logits near 0, |dp| < 1e-3 alone would let a few % scale error through.
+        rt_logits, eager = predictor.runtime.logits(x.unsqueeze(0)), eager_logits(checkpoint, x)
+        assert rt_logits.shape == eager.shape == (1, 2)
+        assert torch.allclose(rt_logits, eager, rtol=1e-3, atol=1e-4), (runtime, rt_logits, eager)
         prediction = predictor.predict_tensor(x)
         assert prediction.runtime == runtime and prediction.device == "cpu"
         assert abs(prediction.probability - p) < 1e-3, (runtime, prediction.probability, p)
@@ -152,6 +163,15 @@ def test_explicit_runtime_failure_is_a_clear_error(monkeypatch, checkpoint, tmp_
         load_runtime("openvino", model, info, torch.device("cuda"), device_requested="cuda")
     with pytest.raises(ValueError, match="runtime must be one of auto, torch, onnxruntime, openvino"):
         load_runtime("tensorrt", model, info, torch.device("cpu"))
+
+
+def test_both_onnx_runtimes_use_cpu_threads(monkeypatch, checkpoint, cache, no_export):
+    """One source of truth for the thread count: without it OpenVINO takes every core in every worker process."""
+    monkeypatch.setattr(runtime_module, "cpu_threads", lambda: 1)
+    ov = Predictor(checkpoint, device="cpu", runtime="openvino", cache_dir=cache).runtime
+    assert int(ov.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    ort = Predictor(checkpoint, device="cpu", runtime="onnxruntime", cache_dir=cache).runtime
+    assert ort.session.get_session_options().intra_op_num_threads == 1
 
 
 def test_cache_is_reused(checkpoint, cache, no_export):

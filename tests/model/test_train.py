@@ -141,3 +141,30 @@ def test_saved_checkpoint_carries_exact_training_set_batchnorm_statistics(tmp_pa
     from model.metrics import delong_ci
 
     assert info.training["test_auc"] == pytest.approx(delong_ci(labels, scores)[0], abs=1e-4)
+
+
+def test_non_finite_validation_scores_are_never_selected_and_all_diverged_is_a_clear_error(tmp_path, monkeypatch):
+    import model.train as train_module
+    from model.train import auc_of
+
+    items = tiny_items(8, seed=2)
+    real = train_module.predict_scores
+    monkeypatch.setattr(train_module, "predict_scores", lambda model, xs, device: [math.nan] * len(xs))
+    auc, _ = auc_of(torch.nn.Linear(1, 1), items[:4], torch.device("cpu"))
+    assert math.isnan(auc)  # not delong's "scores must all be finite"
+    with pytest.raises(ValueError, match="training diverged: no epoch of 2 gave finite validation scores"):
+        train(items[:4], items[4:], SPEC, TrainConfig(epochs=2, batch_size=2, device="cpu", augment=False), tmp_path,
+              name="u", synthetic=True, progress=False, resumable=False)
+    assert not (tmp_path / "model.json").exists()
+    # Epoch 0 diverged, epoch 1 finite: epoch 1 is kept.
+    calls = []
+
+    def first_nan(model, xs, device):
+        calls.append(1)
+        scores = real(model, xs, device)
+        return [math.inf] * len(xs) if len(calls) == 1 else scores
+
+    monkeypatch.setattr(train_module, "predict_scores", first_nan)
+    info = train(items[:4], items[4:], SPEC, TrainConfig(epochs=2, batch_size=2, device="cpu", augment=False),
+                 tmp_path / "ok", name="u", synthetic=True, progress=False, resumable=False)
+    assert info.training["best_epoch"] == 1

@@ -109,3 +109,13 @@ def test_commands_say_which_config_they_use_on_stderr(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert f"config: {tmp_path / 'missing.toml'} (from $MIGRAINE_NODE_CONFIG)" in err
     assert "config file not found" in err
+
+
+def test_the_patient_key_variable_is_not_a_stray_setting(monkeypatch, tmp_path):
+    """The research commands' key file variable shares the prefix; the node must start beside it."""
+    from model.dataset import KEY_FILE_ENV
+    from node.config import PATIENT_KEY_ENV, load_settings
+
+    assert PATIENT_KEY_ENV == KEY_FILE_ENV
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "patient-key"))
+    assert load_settings().node.port > 0

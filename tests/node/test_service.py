@@ -63,3 +63,68 @@ def test_a_failing_stage_keeps_running(caplog):
     finally:
         _stopped(stage)
     assert "flaky step failed" in caplog.text and "database is locked" in caplog.text
+
+
+# ---- selection wakes one worker per job it queues, not per series it judged ----------------------------------------
+
+def _spool_series(spool, store, src, contrast=None) -> str:
+    import pydicom
+
+    from node.header import header_from_dataset, instance_record
+    from storage.spool import SpoolKey
+
+    for path in sorted(src.iterdir()):
+        ds = pydicom.dcmread(path)
+        if contrast:
+            ds.ContrastBolusAgent = contrast
+        rec = instance_record(header_from_dataset(ds), ds.SOPClassUID, ds.file_meta.TransferSyntaxUID, 1, "SCANNER")
+        target = spool.root / SpoolKey(rec.study_instance_uid, rec.series_instance_uid, rec.sop_instance_uid).relative_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+        store.record_instance(rec, replaced_content=False)
+    return rec.series_instance_uid
+
+
+@pytest.mark.parametrize("processes", [1, 4])
+def test_selection_releases_one_work_permit_per_queued_job(tmp_path, processes):
+    """A study of several series of which one is a 3D T1: skipped and failed series wake no worker
+    (an idle worker would query the queue once per leftover permit), and never more than one per worker."""
+    from types import SimpleNamespace
+
+    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+    from model.synth import write_classic_series
+    from node.dispatch import Dispatcher
+    from node.service import NodeService
+    from storage.db import make_engine, sqlite_url
+    from storage.jobs import JobQueue
+    from storage.spool import Spool
+    from storage.store import InstanceRecord, JobStore
+
+    spool = Spool(tmp_path / "spool")
+    store = JobStore(make_engine(sqlite_url(tmp_path / "node.db")))
+    sources = []
+    for seed in range(3):  # each its own study/series UIDs
+        src = tmp_path / f"src{seed}"
+        src.mkdir()
+        write_classic_series(src, slices=120, rows=16, columns=16, seed=seed)
+        sources.append(src)
+    t1 = _spool_series(spool, store, sources[0])
+    _spool_series(spool, store, sources[1], contrast="GADOVIST")  # skipped: post-contrast
+    _spool_series(spool, store, sources[2], contrast="GADOVIST")
+    # Failed selection: recorded, its file gone from the spool.
+    store.record_instance(InstanceRecord("9.1", "9.1.2", "9.1.2.1", MRImageStorage, "1.2.840.10008.1.2.1",
+                                         "9.1/9.1.2/9.1.2.1.dcm", 100), replaced_content=False)
+    for snapshot in store.receiving_series():
+        assert store.mark_complete(snapshot, "test")
+
+    work_ready = threading.Semaphore(0)
+    node = SimpleNamespace(dispatcher=Dispatcher(JobQueue(store.engine), spool), _work_ready=work_ready,
+                           settings=SimpleNamespace(worker=SimpleNamespace(processes=processes)))
+    NodeService._select(node)
+    assert store.get_series(t1).state == "queued"
+    assert JobQueue(store.engine).status()["series"] == {"queued": 1, "skipped": 2, "failed": 1}
+    permits = 0
+    while work_ready.acquire(blocking=False):
+        permits += 1
+    assert permits == 1
