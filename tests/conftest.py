@@ -18,14 +18,21 @@ from model.preprocess import InputSpec
 from model.synth import SyntheticSeries, write_classic_series, write_series
 from tests.peers import NodeProcess, free_port
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_home_patient_key(tmp_path_factory):
+    """No test may create or read the site's patient-pseudonym key in the home directory; a test
+    module that needs a key of its own sets the variable for its scope."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIGRAINE_NODE_PATIENT_KEY_FILE", str(tmp_path_factory.getbasetemp() / "patient-key"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _no_system_config(monkeypatch, tmp_path_factory):
     """A machine's /etc/migraine-node/config.toml must not leak into tests that pass no --config."""
     import node.config
 
     monkeypatch.setattr(node.config, "DEFAULT_CONFIG_PATH", tmp_path_factory.getbasetemp() / "no-such-config.toml")
-    # Nor may a test create or read the site's patient-pseudonym key in the home directory.
-    monkeypatch.setenv("MIGRAINE_NODE_PATIENT_KEY_FILE", str(tmp_path_factory.getbasetemp() / "patient-key"))
 
 
 @pytest.fixture(autouse=True)
