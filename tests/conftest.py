@@ -22,8 +22,10 @@ from tests.peers import NodeProcess, free_port
 def _no_home_patient_key(tmp_path_factory):
     """No test may create or read the site's patient-pseudonym key in the home directory; a test
     module that needs a key of its own sets the variable for its scope."""
+    key_file = tmp_path_factory.getbasetemp() / "patient-key"
+    key_file.write_bytes(bytes(range(32)))  # fixed: a patient split depends on the key, a test must not
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIGRAINE_NODE_PATIENT_KEY_FILE", str(tmp_path_factory.getbasetemp() / "patient-key"))
+        mp.setenv("MIGRAINE_NODE_PATIENT_KEY_FILE", str(key_file))
         yield
 
 

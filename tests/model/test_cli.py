@@ -15,7 +15,10 @@ from node.cli import main
 @pytest.fixture(autouse=True)
 def _patient_key(tmp_path, monkeypatch):
     """A patient key of the test's own: tests never touch ~/."""
-    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "patient-key"))
+    key_file = tmp_path / "key" / "patient-key"
+    key_file.parent.mkdir()
+    key_file.write_bytes(bytes(range(32)))  # fixed: the patient split depends on the key
+    monkeypatch.setenv(KEY_FILE_ENV, str(key_file))
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -193,6 +196,7 @@ def test_import_weights_responder_index(tmp_path, capsys):
 
 def test_demo_model_is_marked_synthetic(tmp_path):
     lines = []
+    tmp_path = tmp_path / "demo"
     info = build_demo_model(tmp_path, n_train=6, n_validation=4, n_test=4, epochs=2, report=lines.append)
     assert info.synthetic is True
     assert "synthetic" in info.training["data"] and info.name.endswith("synthetic")
