@@ -30,6 +30,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -64,6 +65,21 @@ class Runtime(Protocol):
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """(1, 1, D, H, W) float32 on the CPU -> (1, 2) float32 logits on the CPU."""
         ...
+
+
+def import_openvino():  # noqa: ANN201  the openvino module
+    """`import openvino` without its usage telemetry.
+
+    Importing openvino otherwise sends an event to Intel's analytics and writes
+    a client id under ~/intel (opt-out, by default on): a node on a hospital
+    network must never call out. With the telemetry package masked, OpenVINO
+    uses the no-op stub it ships for when that package is absent.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None in sys.modules: the import raises ImportError
+    import openvino
+
+    return openvino
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -142,8 +158,7 @@ class OpenVinoRuntime:
     device = torch.device("cpu")
 
     def __init__(self, onnx_path: Path, precision: str = "f32", hint: str = "LATENCY", threads: int | None = None) -> None:
-        import openvino as ov
-
+        ov = import_openvino()
         core = ov.Core()
         # Without INFERENCE_NUM_THREADS OpenVINO takes every core, in every worker process.
         config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision,

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from model.predict import Predictor
 from model.preprocess import InputSpec
 from model.runtime import RuntimeUnavailable, cache_key, cache_paths, load_runtime
 
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = InputSpec(spacing=(8.0, 8.0, 8.0), shape=(28, 36, 36))
 
 
@@ -265,3 +271,21 @@ def test_predict_command_runtime_flag(tmp_path, capsys, checkpoint):
     with pytest.raises(SystemExit):
         main(["predict", str(tmp_path / "s"), "--checkpoint", str(checkpoint), "--runtime", "tensorrt"])
     assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
+def test_openvino_never_calls_home(tmp_path):
+    """`import openvino` would send a usage event to Intel and write ~/intel/openvino_ga_cid; through
+    import_openvino (the only way the node loads it) it does neither."""
+    code = ("import sys; from model.runtime import import_openvino; ov = import_openvino(); ov.Core(); "
+            "import openvino.tools.ovc as ovc; "
+            "assert sys.modules.get('openvino_telemetry') is None, 'telemetry imported'; "
+            "assert ovc.telemetry.__class__.__module__.endswith('telemetry_stub'), ovc.telemetry")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "intel").exists()
+    # Guard, read rather than run (a plain import would call out): importing openvino.tools.ovc
+    # starts the telemetry, so the checks above look at the path that would send.
+    ovc = importlib.util.find_spec("openvino.tools.ovc")
+    assert "init_ovc_telemetry" in Path(ovc.origin).read_text()
