@@ -79,10 +79,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, overrides)
     setup_logging(settings.node.log_level)
     from node.service import NodeService
+    from node.signals import stop_on_signals
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop_on_signals(stop, [signal.SIGTERM, signal.SIGINT])
     try:
         service = NodeService(settings, args.config, overrides)
     except OSError as exc:  # data_dir or database not usable

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from node.config import Settings, load_settings
 from node.errors import ConfigError, NodeError
+from node.signals import stop_on_signals
 
 ORTHANC = "/usr/sbin/Orthanc"
 PACS_AE = "DEMO_PACS"
@@ -171,13 +172,12 @@ def _sr_file(view, data_dir: Path) -> Path | None:  # noqa: ANN001  storage.stor
 def _wait_for_stop() -> None:
     """Until Ctrl-C or SIGTERM."""
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    restore = stop_on_signals(stop, [signal.SIGINT, signal.SIGTERM])
     try:
         while not stop.wait(1):
             pass
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore()
 
 
 def run_demo(settings: Settings, config_path: str | None, timeout: float = 900, viewer: bool = False) -> int:

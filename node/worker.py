@@ -29,6 +29,7 @@ import pydicom
 from node.config import Settings, load_settings
 from node.dimse_tuning import disable_pydicom_validation
 from node.logs import log_context, setup_logging
+from node.signals import stop_on_signals
 from storage.db import make_engine
 from storage.jobs import ClaimedJob, JobQueue, ResultFile
 from storage.spool import Spool, SpoolKey, read_spooled
@@ -321,7 +322,7 @@ def worker_main(config_path: str | None, overrides: dict, work_ready=None, resul
     signals next (multiprocessing.Event.set waits for every sleeper to wake).
     """
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop_on_signals(stop, [signal.SIGTERM])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     if not _die_with_parent(stop):
         return  # serve died while we started: nobody would stop or supervise us
