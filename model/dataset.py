@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.checkpoint import sha256_file
 from model.preprocess import InputSpec, build_transform, preprocess
 from model.volume import load_volume
 
@@ -131,14 +132,6 @@ def key_check() -> str:
     return keyed_hash("migraine-node key check")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def content_digest(path: Path) -> str:
     """sha256 of what a row holds: a series folder's sorted SOPInstanceUIDs (headers only), else the file bytes.
 
@@ -149,7 +142,7 @@ def content_digest(path: Path) -> str:
 
     path = Path(path)
     if not path.is_dir():
-        return _file_sha256(path)
+        return sha256_file(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     uids = []
     for f in files:
@@ -162,7 +155,7 @@ def content_digest(path: Path) -> str:
             uids.append(uid)
     if uids:
         return hashlib.sha256("\n".join(sorted(uids)).encode("ascii", "replace")).hexdigest()
-    parts = [f"{f.relative_to(path).as_posix()}:{_file_sha256(f)}" for f in files]
+    parts = [f"{f.relative_to(path).as_posix()}:{sha256_file(f)}" for f in files]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 
 

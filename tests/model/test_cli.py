@@ -7,18 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from model.dataset import KEY_FILE_ENV
 from model.demo import build_demo_model
 from node.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _patient_key(tmp_path, monkeypatch):
-    """A patient key of the test's own: tests never touch ~/."""
-    key_file = tmp_path / "key" / "patient-key"
-    key_file.parent.mkdir()
-    key_file.write_bytes(bytes(range(32)))  # fixed: the patient split depends on the key
-    monkeypatch.setenv(KEY_FILE_ENV, str(key_file))
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -13,23 +13,10 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.cv import FoldPlanError, fold_assignment, fold_roles, plan_folds, pooled_metrics, run_cross_validation
-from model.dataset import KEY_FILE_ENV, ManifestRow, key_hash, patient_hash
+from model.dataset import ManifestRow, key_hash, patient_hash
 from model.metrics import delong_ci
 from model.train import TrainConfig, predict_scores
 from tests.model.test_train import SPEC, tiny_items
-
-
-FIXED_KEY = bytes(range(32))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _patient_key(tmp_path_factory):
-    """A patient key of this module's own: tests never touch ~/."""
-    with pytest.MonkeyPatch.context() as mp:
-        key_file = tmp_path_factory.mktemp("key") / "patient-key"
-        key_file.write_bytes(FIXED_KEY)  # a fixed key: the patient split depends on it, tests must not
-        mp.setenv(KEY_FILE_ENV, str(key_file))
-        yield
 
 
 def _cohort(n_patients: int, two_scans_every: int = 3) -> tuple[list[str], list[int]]:

@@ -27,19 +27,6 @@ from model.dataset import (
 from model.synth import write_series
 
 
-FIXED_KEY = bytes(range(32))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _patient_key(tmp_path_factory):
-    """A patient key of this module's own: tests never touch ~/."""
-    with pytest.MonkeyPatch.context() as mp:
-        key_file = tmp_path_factory.mktemp("key") / "patient-key"
-        key_file.write_bytes(FIXED_KEY)  # a fixed key: the patient split depends on it, tests must not
-        mp.setenv(KEY_FILE_ENV, str(key_file))
-        yield
-
-
 def _nifti(path, value: float = 1.0) -> None:
     nib.save(nib.Nifti1Image(np.full((8, 8, 8), value, np.float32), np.diag([8.0, 8.0, 8.0, 1.0])), path)
 

@@ -20,19 +20,6 @@ from model.synth import Subject, synthetic_volume_object
 from node.cli import main
 
 
-FIXED_KEY = bytes(range(32))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _patient_key(tmp_path_factory):
-    """A patient key of this module's own: tests never touch ~/."""
-    with pytest.MonkeyPatch.context() as mp:
-        key_file = tmp_path_factory.mktemp("key") / "patient-key"
-        key_file.write_bytes(FIXED_KEY)  # a fixed key: the patient split depends on it, tests must not
-        mp.setenv(KEY_FILE_ENV, str(key_file))
-        yield
-
-
 def test_brier_score_known_values():
     assert brier_score([1, 0], [1.0, 0.0]) == 0.0
     assert brier_score([1, 0, 1, 0], [0.5] * 4) == pytest.approx(0.25)
