@@ -82,6 +82,11 @@ class StorageSection(_Section):
     data_dir: Path = Path("migraine-node-data")
     database_url: str = ""
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
+    # Retention (storage/retention.py): spool files of a series go this many days after its result was
+    # delivered everywhere (skipped series: after they were skipped). Rows stay, marked purged, so
+    # `jobs` and `show` keep the history. 0 = never remove.
+    retention_days: Annotated[float, Field(ge=0, le=36500)] = 30
+    skipped_retention_days: Annotated[float, Field(ge=0, le=36500)] = 7
 
     @field_validator("database_url")
     @classmethod
@@ -125,6 +130,9 @@ class WorkerSection(_Section):
     processes: Annotated[int, Field(ge=0, le=16)] = 1
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     retry_seconds: Annotated[float, Field(ge=0, le=86400)] = 30
+    # A claimed job holds a lease, renewed by its worker's heartbeat every lease_seconds / 4; a lease
+    # that runs out (worker or machine gone) returns the job to the queue, counted as a failed attempt.
+    lease_seconds: Annotated[float, Field(ge=5, le=3600)] = 60
 
 
 class ExportSection(_Section):
@@ -143,15 +151,48 @@ class ExportSection(_Section):
 ResultKind = Literal["sr", "image"]
 
 
+HTTP_HEADER_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
 class Destination(_Section):
+    """A PACS the results go to: by DICOM (ae_title, host, port) or by DICOMweb STOW-RS (url)."""
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-    ae_title: str
-    host: str
-    port: Port
+    ae_title: str | None = None
+    host: str | None = None
+    port: Port | None = None
+    # DICOMweb base URL (STOW-RS posts to <url>/studies), instead of ae_title/host/port.
+    url: str | None = None
+    # HTTP authentication for `url`: the secret is read at send time from the environment variable
+    # `credentials_env` ("user:password" for basic, the token for bearer); never stored or logged.
+    auth: Literal["none", "basic", "bearer"] = "none"
+    credentials_env: str | None = None
+    # How `replay --from-pacs` retrieves from this PACS: C-GET, or C-MOVE to our own AE title
+    # (the PACS must know our AE title, host and port as a move destination).
+    retrieve: Literal["get", "move"] = "get"
     # What this PACS gets: the Structured Report, and/or the result image for viewers that show no SR.
     objects: list[ResultKind] = ["sr"]
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("expected an http:// or https:// DICOMweb base URL such as http://pacs:8042/dicom-web")
+        return value.rstrip("/")
+
+    @field_validator("credentials_env")
+    @classmethod
+    def _check_env_name(cls, value: str | None) -> str | None:
+        if value is not None and not HTTP_HEADER_ENV.fullmatch(value):
+            raise ValueError("expected the name of an environment variable (letters, digits, _)")
+        return value
 
     @field_validator("objects")
     @classmethod
@@ -161,6 +202,35 @@ class Destination(_Section):
         if len(set(value)) != len(value):
             raise ValueError("each object kind may be listed once")
         return value
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> Destination:
+        dimse = [k for k in ("ae_title", "host", "port") if getattr(self, k) is not None]
+        if self.url is not None:
+            if dimse:
+                raise ValueError(f"give either url (DICOMweb) or ae_title/host/port (DICOM), not both "
+                                 f"(also set: {', '.join(dimse)})")
+            if self.retrieve == "move":
+                raise ValueError('retrieve = "move" needs a DICOM destination (ae_title/host/port)')
+        elif len(dimse) != 3:
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            raise ValueError(f"a DICOM destination needs ae_title, host and port (missing: {', '.join(missing)}); "
+                             "or give url for DICOMweb STOW-RS")
+        if self.auth != "none" and not self.credentials_env:
+            raise ValueError(f'auth = "{self.auth}" needs credentials_env, the environment variable holding the secret')
+        if self.auth != "none" and self.url is None:
+            raise ValueError("auth applies to a DICOMweb url only")
+        return self
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.url is not None
+
+    def describe(self) -> str:
+        """Where this destination is, for messages (never credentials)."""
+        if self.url is not None:
+            return f"{self.name} ({self.url})"
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
 
 
 class Settings(BaseSettings):
