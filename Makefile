@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test install install-test apt ohif bench clean

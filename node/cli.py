@@ -26,6 +26,7 @@ from node.config import (
 from node.errors import ConfigError, NodeError
 from node.logs import setup_logging
 from storage.models import SeriesState
+from storage.schema import SchemaError
 
 log = logging.getLogger("node.cli")
 
@@ -84,11 +85,76 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     stop_on_signals(stop, [signal.SIGTERM, signal.SIGINT])
     try:
-        service = NodeService(settings, args.config, overrides)
+        service = NodeService(settings, args.config, overrides, role=args.role)
     except OSError as exc:  # data_dir or database not usable
         raise NodeError(f"cannot start: {exc}") from None
     # Start-up errors (model, port) stop whatever had started and surface as NodeError/ConfigError.
     service.serve_forever(stop)
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """`db upgrade` migrates the job database to this release's schema; `db status` shows both."""
+    settings = _settings(args)
+    from storage.db import make_engine
+    from storage.schema import schema_state, upgrade
+
+    url = settings.storage.resolved_database_url
+    if url.startswith("sqlite:"):
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = make_engine(url, check_schema=False)
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        if args.db_command == "status":
+            state = schema_state(engine)
+            current = "empty" if state.empty else state.current + ("" if state.versioned else " (release 0.1.0)")
+            print(json.dumps({"database": shown, "current": state.current, "head": state.head,
+                              "up_to_date": state.current == state.head}) if args.json
+                  else f"database {shown}: schema {current}; this release runs on {state.head}"
+                  + ("" if state.current == state.head else " (run `migraine-node db upgrade`)"))
+            return 0
+        before, after = upgrade(engine, shown)
+    finally:
+        engine.dispose()
+    if before == after:
+        print(f"database {shown}: already at schema revision {after}")
+    else:
+        print(f"database {shown}: upgraded from {before or 'empty'} to schema revision {after}")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Retention now, or with --dry-run what it would remove."""
+    settings = _settings(args)
+    setup_logging("WARNING")
+    from storage.retention import purge
+    from storage.spool import Spool
+    from storage.store import iso
+
+    store = _store(settings, read_only=True)
+    storage = settings.storage
+    try:
+        report = purge(store.engine, Spool(storage.spool_dir), storage.retention_days,
+                       storage.skipped_retention_days, dry_run=args.dry_run, limit=None)
+    finally:
+        store.engine.dispose()
+    if args.json:
+        print(json.dumps({
+            "dry_run": report.dry_run, "purged": report.purged, "files_removed": report.files_removed,
+            "bytes_removed": report.bytes_removed,
+            "series": [{"series_instance_uid": c.series_instance_uid, "study_instance_uid": c.study_instance_uid,
+                        "state": c.state, "done_at": iso(c.done_at), "files": c.files, "size_bytes": c.size_bytes}
+                       for c in report.candidates]}, indent=2))
+        return 0
+    verb = "would remove" if report.dry_run else "removed"
+    for c in report.candidates:
+        print(f"{verb} {c.files} file(s), {c.size_bytes / 1e6:.1f} MB: series {c.series_instance_uid} "
+              f"({c.state} {iso(c.done_at)})")
+    total_files = sum(c.files for c in report.candidates) if report.dry_run else report.files_removed
+    total_bytes = sum(c.size_bytes for c in report.candidates) if report.dry_run else report.bytes_removed
+    print(f"{len(report.candidates) if report.dry_run else report.purged} series, {total_files} file(s), "
+          f"{total_bytes / 1e6:.1f} MB {'would be removed' if report.dry_run else 'removed'} (retention_days={storage.retention_days:g}, "
+          f"skipped_retention_days={storage.skipped_retention_days:g}; 0 = keep)")
     return 0
 
 
@@ -280,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="run the node (C-STORE SCP, tracker, worker)")
     p.add_argument("--port", type=int, help="override [node] port")
     p.add_argument("--host", help="override [node] host")
+    p.add_argument("--role", choices=["all", "ingest", "worker", "export"], default="all",
+                   help="which part of the node runs in this process: ingest (C-STORE SCP, series completion, "
+                   "selection), worker (classification), export (results to PACS), or all (default); several "
+                   "processes share one PostgreSQL database and spool (docs/operations.md)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", parents=[common], help="end-to-end demo on loopback with a stand-in PACS")
@@ -306,6 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resend", parents=[common], help="send the existing SR of a series again")
     p.add_argument("series_instance_uid", metavar="SERIES_UID")
     p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser("purge", parents=[common], help="remove spool files past [storage] retention_days now")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_purge)
+
+    p = sub.add_parser("db", help="the job database's schema (Alembic migrations)")
+    db_sub = p.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
+    d = db_sub.add_parser("upgrade", parents=[common], help="migrate the database to this release's schema "
+                          "(back it up first)")
+    d.set_defaults(func=cmd_db)
+    d = db_sub.add_parser("status", parents=[common], help="the database's schema revision and this release's")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_db)
 
     p = sub.add_parser("status", parents=[common], help="queue depth, failures, last error")
     p.add_argument("--json", action="store_true")
@@ -336,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"migraine-node: {_one_line(exc)}", file=sys.stderr)
         return 2
     except NodeError as exc:
+        print(f"migraine-node: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except SchemaError as exc:
         print(f"migraine-node: {_one_line(exc)}", file=sys.stderr)
         return 1
 

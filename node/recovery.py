@@ -9,6 +9,7 @@ the file's fsync runs; the sender got no success for such an instance).
 from __future__ import annotations
 
 import logging
+import time
 
 import pydicom
 
@@ -19,10 +20,19 @@ from storage.store import JobStore, StoreError
 log = logging.getLogger(__name__)
 
 
-def recover(spool: Spool, store: JobStore) -> tuple[int, int, int]:
-    """Returns (partial files removed, rows rebuilt, rows dropped)."""
-    removed = spool.remove_partial_files()
-    known = store.instance_paths()
+SHARED_GRACE_SECONDS = 300.0
+"""On a database shared by several nodes (not SQLite), recovery leaves alone what is younger than
+this: another node may be between its row's commit and its file's rename right now."""
+
+
+def recover(spool: Spool, store: JobStore, grace_seconds: float = 0.0) -> tuple[int, int, int]:
+    """Returns (partial files removed, rows rebuilt, rows dropped).
+
+    `grace_seconds` spares rows and files younger than that (other live nodes' in-flight C-STOREs).
+    """
+    removed = spool.remove_partial_files(older_than_seconds=grace_seconds)
+    cutoff = time.time() - grace_seconds
+    known = store.instance_paths(received_before=cutoff if grace_seconds else None)
     files = dict(spool.iter_files())
     dropped = 0
     for relative, (series_uid, sop_uid) in known.items():
@@ -30,8 +40,11 @@ def recover(spool: Spool, store: JobStore) -> tuple[int, int, int]:
             store.forget_instance(series_uid, sop_uid)
             dropped += 1
     rebuilt = 0
+    all_known = known if not grace_seconds else store.instance_paths()
     for relative, path in files.items():
-        if relative in known:
+        if relative in all_known:
+            continue
+        if grace_seconds and path.stat().st_mtime > cutoff:
             continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)

@@ -1,7 +1,15 @@
 """The running node: SCP, completion tracker and timers wired together.
 
 `NodeService` is what `migraine-node serve` runs, and what tests start
-in-process on a free port.
+in-process on a free port. Its role says which parts run here (`serve --role`):
+
+- ingest: the C-STORE SCP, start-up recovery of the spool, series completion and selection;
+- worker: the classification worker processes, their supervision, and job leases;
+- export: sending results to the destinations;
+- all (default): everything, the single-machine node.
+
+Several processes with any roles, on several machines, share one PostgreSQL database and one
+spool on shared storage (docs/operations.md): claims of jobs and deliveries are exclusive there.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from node.dimse_tuning import disable_pydicom_validation, shorten_acceptor_react
 from node.dispatch import Dispatcher
 from node.errors import ConfigError, NodeError
 from node.export import Exporter
-from node.recovery import recover
+from node.recovery import SHARED_GRACE_SECONDS, recover
 from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers
 from node.tracker import SeriesTracker
 from node.worker import worker_main
@@ -37,6 +45,9 @@ TICK_SECONDS = 1.0
 # Selection and export also run at once when woken (a series completed, a result is ready); the
 # tick is what catches the rest (retries, replays from the command line).
 FAST_TICK_SECONDS = 0.25
+ROLES = ("all", "ingest", "worker", "export")
+# Retention (storage/retention.py) runs this often, one small batch of series each time.
+RETENTION_SECONDS = 600.0
 # How long `stop` waits for a worker to finish its current job before killing it.
 # deploy/migraine-node.service's TimeoutStopSec must stay above this (tests/node/test_supervision.py).
 WORKER_STOP_SECONDS = 60
@@ -135,8 +146,12 @@ class Stage:
 
 
 class NodeService:
-    def __init__(self, settings: Settings, config_path: str | None = None, overrides: dict | None = None) -> None:
+    def __init__(self, settings: Settings, config_path: str | None = None, overrides: dict | None = None,
+                 role: str = "all") -> None:
+        if role not in ROLES:
+            raise ConfigError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
         self.settings = settings
+        self.role = role
         # Worker processes rebuild the same settings from the same sources.
         self._config_source = (config_path, overrides or {})
         self._workers: list[multiprocessing.process.BaseProcess] = []
@@ -154,13 +169,13 @@ class NodeService:
         self.active = ActiveAssociations()
         self.ingest = Ingest(self.spool, self.store, settings.storage.min_free_disk_mb)
         self.tracker = SeriesTracker(self.store, settings.series, self.active.senders_active)
-        self.queue = JobQueue(self.engine)
+        self.queue = JobQueue(self.engine, lease_seconds=settings.worker.lease_seconds)
         self.dispatcher = Dispatcher(self.queue, self.spool)
         self.exporter = Exporter(self.queue, settings.destinations, settings.node.ae_title, settings.export)
         # Released by serve once per queued job (a waiting worker takes it at once), and by a worker
         # for each result to export; semaphores survive a worker killed while waiting on them.
         self._work_ready = self._results_ready = None
-        if settings.worker.processes:
+        if self.runs("worker") and settings.worker.processes:
             spawn = multiprocessing.get_context("spawn")
             self._work_ready, self._results_ready = spawn.Semaphore(0), spawn.Semaphore(0)
         self.selection = Stage("selection", self._select, FAST_TICK_SECONDS)
@@ -182,35 +197,66 @@ class NodeService:
             self.stop()
             raise
 
+    def runs(self, part: str) -> bool:
+        """Whether this process runs `part` (ingest, worker or export) of the node."""
+        return self.role in ("all", part)
+
     def _start(self) -> None:
-        if self.settings.worker.processes:
+        if self.runs("worker") and self.settings.worker.processes:
             check_model(self.settings)
-        recover(self.spool, self.store)
-        requeued = self.queue.requeue_interrupted()
-        if requeued:
-            log.warning("%d job(s) interrupted by a previous stop were queued again", requeued)
+        shared = self.engine.dialect.name != "sqlite"  # other nodes may be writing now
+        if self.runs("ingest"):
+            recover(self.spool, self.store, grace_seconds=SHARED_GRACE_SECONDS if shared else 0.0)
+        if self.runs("worker"):
+            requeued = self.queue.requeue_interrupted()
+            if requeued:
+                log.warning("%d job(s) interrupted by a previous stop were queued again", requeued)
         node = self.settings.node
-        handlers = event_handlers(self.settings, self.ingest, self.active, self._association_ended)
-        try:
-            self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
-        except OSError as exc:
-            raise NodeError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from None
-        self.port = self._server.server_address[1]
+        if self.runs("ingest"):
+            handlers = event_handlers(self.settings, self.ingest, self.active, self._association_ended)
+            try:
+                self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+            except OSError as exc:
+                raise NodeError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from None
+            self.port = self._server.server_address[1]
+            self.scheduler.add_job(
+                self._guarded, "interval", args=["series-completion", self._complete], seconds=TICK_SECONDS,
+                id="series-completion", max_instances=1, coalesce=True,
+            )
+            self.scheduler.add_job(
+                self._guarded, "interval", args=["retention", self._purge], seconds=RETENTION_SECONDS,
+                id="retention", max_instances=1, coalesce=True,
+            )
+        lease = self.settings.worker.lease_seconds
         self.scheduler.add_job(
-            self._guarded, "interval", args=["series-completion", self._complete], seconds=TICK_SECONDS,
-            id="series-completion", max_instances=1, coalesce=True,
+            self._guarded, "interval", args=["job-leases", self._expire_leases], seconds=lease / 4,
+            id="job-leases", max_instances=1, coalesce=True,
         )
         self.scheduler.start()
-        self.selection.start()
-        self.export.start()
-        self._start_workers()
-        log.info(
-            "migraine-node listening on %s:%d as %s (data_dir=%s)",
-            node.host,
-            self.port,
-            node.ae_title,
-            self.settings.storage.data_dir,
-        )
+        if self.runs("ingest"):
+            self.selection.start()
+        if self.runs("export"):
+            self.export.start()
+        if self.runs("worker"):
+            self._start_workers()
+        if self.runs("ingest"):
+            log.info("migraine-node (role %s) listening on %s:%d as %s (data_dir=%s, database %s)", self.role,
+                     node.host, self.port, node.ae_title, self.settings.storage.data_dir, self.engine.dialect.name)
+        else:
+            log.info("migraine-node (role %s) running (data_dir=%s, database %s)", self.role,
+                     self.settings.storage.data_dir, self.engine.dialect.name)
+
+    def _purge(self) -> None:
+        from storage.retention import purge
+
+        storage = self.settings.storage
+        purge(self.engine, self.spool, storage.retention_days, storage.skipped_retention_days)
+
+    def _expire_leases(self) -> None:
+        worker = self.settings.worker
+        for job_id, owner, state in self.queue.expire_leases(worker.max_attempts, worker.retry_seconds):
+            log.error("job %d: the lease of %s expired (its worker or machine stopped); the job is now %s",
+                      job_id, owner, state)
 
     def _association_ended(self, series_instance_uids) -> None:  # noqa: ANN001
         """A sender released: series that reached their expected count complete, and go to selection now."""

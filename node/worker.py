@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import functools
 import io
 import json
 import logging
@@ -149,7 +148,7 @@ class Worker:
         job = self.queue.claim()
         if job is None:
             return False
-        with log_context(job=job.job_id, series=job.series_instance_uid):
+        with log_context(job=job.job_id, series=job.series_instance_uid), self._heartbeat(job.job_id):
             try:
                 self.process(job)
             except Exception as exc:
@@ -158,6 +157,32 @@ class Worker:
                                         self.settings.worker.retry_seconds)
                 log.error("job attempt %d failed (%s): %s", job.attempts, state, reason)
         return True
+
+    @contextlib.contextmanager
+    def _heartbeat(self, job_id: int) -> Iterator[None]:
+        """Renew the job's lease every lease_seconds / 4 while it is processed, so that no node takes
+        it back from a live worker; a worker or machine that is gone stops renewing it."""
+        done = threading.Event()
+        interval = self.queue.lease_seconds / 4
+
+        def beat() -> None:
+            while not done.wait(interval):
+                try:
+                    if not self.queue.heartbeat(job_id):
+                        log.warning("lease on job %d lost (expired, or superseded); its result will not be "
+                                    "recorded", job_id)
+                        return
+                except Exception:  # noqa: BLE001 - the database may be back at the next beat
+                    log.warning("cannot renew the lease on job %d; retrying in %.0f s", job_id, interval,
+                                exc_info=True)
+
+        thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def process(self, job: ClaimedJob) -> None:
         from model.volume import assemble_volume
@@ -332,9 +357,9 @@ def worker_main(config_path: str | None, overrides: dict, work_ready=None, resul
     # cost ~3 s per 170-slice report. Every SR we emit is checked by dciodvfy in the tests.
     disable_pydicom_validation()
     engine = make_engine(settings.storage.resolved_database_url)
-    queue = JobQueue(engine)
-    # Claims carry our PID, so serve can release the job we hold if this process dies.
-    queue.claim = functools.partial(queue.claim, worker_pid=os.getpid())  # type: ignore[method-assign]
+    # Claims carry "host:pid" (process_identity), so serve can release the job we hold if this
+    # process dies, and any node can take it back if our lease runs out.
+    queue = JobQueue(engine, lease_seconds=settings.worker.lease_seconds)
     try:
         Worker(settings, queue, results_ready).run(stop, work_ready)
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from storage.models import Base
+from storage.schema import ensure_schema
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -33,8 +33,12 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine for `url` and the schema if it does not exist yet."""
+def make_engine(url: str, check_schema: bool = True) -> Engine:
+    """Create the engine for `url`; an empty database gets the newest schema.
+
+    With `check_schema`, a database at another schema revision raises
+    storage.schema.SchemaError (`migraine-node db upgrade` passes False).
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -71,6 +75,11 @@ def make_engine(url: str) -> Engine:
 
         engine.begin = _begin_immediate  # type: ignore[method-assign]
     else:
-        engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=32)
+    if check_schema:
+        try:
+            ensure_schema(engine, engine.url.render_as_string(hide_password=True))
+        except BaseException:
+            engine.dispose()
+            raise
     return engine

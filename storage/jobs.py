@@ -12,6 +12,8 @@ older one's unfinished job: it is never classified or exported after that.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -71,9 +73,29 @@ class Predecessor:
     sop_instance_uid: str
 
 
-def claimed_by(worker_pid: int) -> str:
-    """The reason a job carries while the worker process `worker_pid` holds it."""
-    return f"classifying in worker process {worker_pid}"
+def process_identity(pid: int | None = None) -> str:
+    """"host:pid": who holds a job or a delivery (lease_owner); unique across the machines sharing
+    one database."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def claimed_by(owner: str) -> str:
+    """The reason a job carries while the process `owner` ("host:pid") holds it."""
+    host, _, pid = owner.rpartition(":")
+    return f"classifying in worker process {pid} on {host}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+DEFAULT_LEASE_SECONDS = 60.0
 
 
 def _now(now: float | None) -> float:
@@ -81,8 +103,19 @@ def _now(now: float | None) -> float:
 
 
 class JobQueue:
-    def __init__(self, engine: Engine) -> None:
+    """Job and delivery transitions; safe with any number of processes on any number of machines
+    sharing one database (claims lock rows with FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite's
+    BEGIN IMMEDIATE serialises writers).
+
+    `owner` ("host:pid", process_identity) is recorded on what this process claims; a claim is a
+    lease of `lease_seconds`, renewed by `heartbeat` and taken back by `expire_leases` when its
+    holder is gone.
+    """
+
+    def __init__(self, engine: Engine, owner: str | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.engine = engine
+        self.owner = owner or process_identity()
+        self.lease_seconds = lease_seconds
 
     def _set_state(self, conn, job_id: int, state: str, now: float, **values) -> None:  # noqa: ANN001, ANN003
         """Job and (if it is the series' current version) series move together."""
@@ -122,30 +155,37 @@ class JobQueue:
                 return  # superseded meanwhile
             state = SeriesState.QUEUED if accepted else SeriesState.SKIPPED
             full = f"{reason}; complete: {completion}" if completion else reason
-            self._set_state(conn, job_id, state, _now(now), reason=full)
+            now = _now(now)
+            self._set_state(conn, job_id, state, now, reason=full, **({"queued_at": now} if accepted else {}))
 
     # ---- worker -------------------------------------------------------------
     def claim(self, now: float | None = None, worker_pid: int | None = None) -> ClaimedJob | None:
-        """Take the oldest queued job that is due (atomic; safe with several workers).
+        """Take the oldest queued job that is due, exactly once across every process and machine.
 
-        `worker_pid` is recorded on the job (its reason, while `classifying`) so that
-        `serve` can release the job of a worker process that died (`requeue_jobs_of`).
+        The row is locked with FOR UPDATE SKIP LOCKED (PostgreSQL: concurrent claimers skip it
+        instead of queueing behind it) and updated only while still `queued`. The claim is a
+        lease held by this queue's owner (or by the worker process `worker_pid` on this host), so
+        `serve` can release the job of a worker that died (`requeue_jobs_of`) and any node can
+        take back one whose holder stopped renewing it (`expire_leases`).
         """
         now = _now(now)
-        held = {} if worker_pid is None else {"reason": claimed_by(worker_pid)}
+        owner = self.owner if worker_pid is None else process_identity(worker_pid)
         with self.engine.begin() as conn:
             row = conn.execute(
                 select(Job.id)
                 .where(Job.state == SeriesState.QUEUED, (Job.not_before.is_(None)) | (Job.not_before <= now))
                 .order_by(Job.created_at, Job.id)
                 .limit(1)
+                .with_for_update(skip_locked=True)
             ).first()
             if row is None:
                 return None
             claimed = conn.execute(
                 update(Job)
                 .where(Job.id == row.id, Job.state == SeriesState.QUEUED)
-                .values(state=SeriesState.CLASSIFYING, attempts=Job.attempts + 1, updated_at=now, **held)
+                .values(state=SeriesState.CLASSIFYING, attempts=Job.attempts + 1, updated_at=now,
+                        reason=claimed_by(owner), lease_owner=owner, lease_expires_at=now + self.lease_seconds,
+                        claimed_at=now)
                 .returning(Job.id, Job.series_instance_uid, Job.version, Job.attempts)
             ).first()
             if claimed is None:
@@ -165,6 +205,42 @@ class JobQueue:
             return ClaimedJob(claimed.id, claimed.series_instance_uid, study, claimed.version, claimed.attempts,
                               tuple(sorted(paths)))
 
+    def heartbeat(self, job_id: int, now: float | None = None) -> bool:
+        """Renew this owner's lease on a job it classifies; False when the lease was lost (it expired
+        and the job went back to the queue, or the job was superseded)."""
+        now = _now(now)
+        with self.engine.begin() as conn:
+            renewed = conn.execute(
+                update(Job).where(Job.id == job_id, Job.state == SeriesState.CLASSIFYING, Job.lease_owner == self.owner)
+                .values(lease_expires_at=now + self.lease_seconds)
+            ).rowcount
+        return bool(renewed)
+
+    def expire_leases(self, max_attempts: int, retry_seconds: float, now: float | None = None) -> list[tuple[int, str, str]]:
+        """Jobs whose holder stopped renewing its lease (process or machine gone), as a failed
+        attempt (`_retry_or_fail`). Returns (job id, former owner, new state) triples."""
+        now = _now(now)
+        out = []
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(Job.id, Job.attempts, Job.version, Job.lease_owner, Series.version.label("current"))
+                .join(Series, Series.series_instance_uid == Job.series_instance_uid)
+                .where(Job.state == SeriesState.CLASSIFYING, Job.lease_expires_at < now)
+                .with_for_update(skip_locked=True, of=Job)
+            ).all()
+            for row in rows:
+                cause = f"the lease of {row.lease_owner} expired (its worker or machine stopped)"
+                out.append((row.id, row.lease_owner, self._retry_or_fail(
+                    conn, row.id, row.attempts, row.version, row.current, cause, max_attempts, retry_seconds, now)))
+        return out
+
+    def _held_elsewhere(self, conn, job_id: int) -> str | None:  # noqa: ANN001
+        """Who else holds the job now, when this owner's lease on it was lost (None when it is ours)."""
+        owner, state = conn.execute(select(Job.lease_owner, Job.state).where(Job.id == job_id)).one()
+        if state == SeriesState.CLASSIFYING and owner is not None and owner != self.owner:
+            return owner
+        return None
+
     def finish(self, job_id: int, result: dict, destinations: list[str], now: float | None = None) -> bool:
         """Record the prediction and its objects; one pending delivery per destination.
 
@@ -173,6 +249,9 @@ class JobQueue:
         """
         now = _now(now)
         with self.engine.begin() as conn:
+            current_job = conn.execute(select(Job.id).where(Job.id == job_id).with_for_update()).scalar_one()
+            if self._held_elsewhere(conn, current_job) is not None:
+                return False  # our lease expired and another worker has the job now: its result counts
             for obj in result.get("objects", ()):
                 conn.execute(insert(ResultObject).values(
                     job_id=job_id, kind=obj.kind, sop_class_uid=obj.sop_class_uid,
@@ -192,6 +271,8 @@ class JobQueue:
                 "sr_sop_instance_uid": result["sr_sop_instance_uid"],
                 "sr_path": result["sr_path"],
                 "not_before": None,
+                "lease_owner": None,
+                "lease_expires_at": None,
             }
             if job.state != SeriesState.CLASSIFYING or job.version != current:
                 self._supersede(conn, job_id, now, f"superseded by version {current} while classifying; not exported",
@@ -217,11 +298,14 @@ class JobQueue:
                 .join(Series, Series.series_instance_uid == Job.series_instance_uid).where(Job.id == job_id)).one()
             if state != SeriesState.CLASSIFYING:
                 return state  # superseded meanwhile: nothing to retry
+            if self._held_elsewhere(conn, job_id) is not None:
+                return state  # our lease expired and another worker has the job now
             return self._retry_or_fail(conn, job_id, attempts, version, current, reason, max_attempts,
                                        retry_seconds, now)
 
     def _supersede(self, conn, job_id: int, now: float, reason: str, **values) -> None:  # noqa: ANN001, ANN003
         """Only the job: its series has moved on to a newer version (so `_set_state` must not touch it)."""
+        values = {"lease_owner": None, "lease_expires_at": None, **values}
         conn.execute(update(Job).where(Job.id == job_id).values(
             state=SeriesState.SUPERSEDED, updated_at=now, reason=reason, **values))
 
@@ -238,27 +322,42 @@ class JobQueue:
             return SeriesState.SUPERSEDED
         if attempts < max_attempts:
             self._set_state(conn, job_id, SeriesState.QUEUED, now, reason=f"attempt {attempts} failed: {cause}",
-                            not_before=now + retry_seconds * attempts)
+                            not_before=now + retry_seconds * attempts, lease_owner=None, lease_expires_at=None)
             return SeriesState.QUEUED
-        self._set_state(conn, job_id, SeriesState.FAILED, now, reason=f"failed after {attempts} attempt(s): {cause}")
+        self._set_state(conn, job_id, SeriesState.FAILED, now, reason=f"failed after {attempts} attempt(s): {cause}",
+                        lease_owner=None, lease_expires_at=None)
         return SeriesState.FAILED
 
     def requeue_interrupted(self, now: float | None = None) -> int:
-        """Jobs left `classifying` by a crash go back to `queued`, or are superseded (run at start-up)."""
+        """At start-up: jobs left `classifying` by this machine's worker processes that are gone
+        (a crash or kill of the previous `serve`) go back to `queued`, or are superseded.
+
+        Never another machine's jobs, nor a live process's: those return through their lease
+        (`expire_leases`). A job with no owner was claimed by a release without leases.
+        """
         now = _now(now)
+        host = socket.gethostname()
         with self.engine.begin() as conn:
             rows = conn.execute(
-                select(Job.id, Job.version, Series.version.label("current"))
+                select(Job.id, Job.version, Job.lease_owner, Series.version.label("current"))
                 .join(Series, Series.series_instance_uid == Job.series_instance_uid)
                 .where(Job.state == SeriesState.CLASSIFYING)
+                .with_for_update(skip_locked=True, of=Job)
             ).all()
+            count = 0
             for row in rows:
+                if row.lease_owner is not None:
+                    owner_host, _, pid = row.lease_owner.rpartition(":")
+                    if owner_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+                        continue
+                count += 1
                 if row.version < row.current:
                     self._supersede(conn, row.id, now,
                                     f"superseded by version {row.current}; interrupted run not resumed")
                 else:
-                    self._set_state(conn, row.id, SeriesState.QUEUED, now, reason="requeued after an interrupted run")
-            return len(rows)
+                    self._set_state(conn, row.id, SeriesState.QUEUED, now, reason="requeued after an interrupted run",
+                                    lease_owner=None, lease_expires_at=None)
+            return count
 
     # ---- replay / resend ----------------------------------------------------
     def replay(self, uid: str, now: float | None = None) -> list[str]:
@@ -333,6 +432,37 @@ class JobQueue:
             for r in rows
         ]
 
+    def claim_deliveries(self, now: float | None = None, limit: int = 100,
+                         lease_seconds: float = 120.0) -> list[DueDelivery]:
+        """The due deliveries, taken by this exporter: locked (SKIP LOCKED) and pushed `lease_seconds`
+        into the future with this owner recorded, so an exporter on another node does not send them
+        too. The outcome (`delivery_sent/retry/failed`) ends the lease; an exporter that dies
+        mid-send leaves them due again when the lease runs out."""
+        now = _now(now)
+        with self.engine.begin() as conn:
+            ids = list(conn.execute(
+                select(Delivery.id).join(Job, Job.id == Delivery.job_id)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now,
+                       Job.state != SeriesState.SUPERSEDED)
+                .order_by(Delivery.next_attempt_at).limit(limit)
+                .with_for_update(skip_locked=True, of=Delivery)
+            ).scalars())
+            if not ids:
+                return []
+            conn.execute(update(Delivery).where(Delivery.id.in_(ids)).values(
+                next_attempt_at=now + lease_seconds, lease_owner=self.owner))
+            rows = conn.execute(
+                select(Delivery.id, Delivery.job_id, Delivery.destination, Delivery.attempts, Job.sr_path,
+                       Job.sr_sop_instance_uid, Job.series_instance_uid)
+                .join(Job, Job.id == Delivery.job_id).where(Delivery.id.in_(ids)).order_by(Delivery.id)
+            ).all()
+            objects = self._objects(conn, [r.job_id for r in rows])
+        return [
+            DueDelivery(r.id, r.job_id, r.destination, r.attempts,
+                        objects.get(r.job_id) or self._legacy_sr(r), r.series_instance_uid)
+            for r in rows
+        ]
+
     @staticmethod
     def _legacy_sr(row) -> tuple[ResultFile, ...]:  # noqa: ANN001
         """A job recorded before result_object existed: its SR is all it has."""
@@ -398,7 +528,8 @@ class JobQueue:
         with self.engine.begin() as conn:
             conn.execute(update(Delivery).where(Delivery.id == delivery_id,
                                                 Delivery.state != DeliveryState.SUPERSEDED).values(
-                state=state, attempts=Delivery.attempts + 1, last_error=error, next_attempt_at=next_at, updated_at=now))
+                state=state, attempts=Delivery.attempts + 1, last_error=error, next_attempt_at=next_at, updated_at=now,
+                lease_owner=None))
             job_id, job_state = conn.execute(select(Job.id, Job.state).join(Delivery, Delivery.job_id == Job.id)
                                              .where(Delivery.id == delivery_id)).one()
             if job_state == SeriesState.SUPERSEDED:
@@ -435,7 +566,7 @@ class JobQueue:
             rows = conn.execute(
                 select(Job.id, Job.attempts, Job.version, Series.version.label("current"))
                 .join(Series, Series.series_instance_uid == Job.series_instance_uid)
-                .where(Job.state == SeriesState.CLASSIFYING, Job.reason == claimed_by(worker_pid))
+                .where(Job.state == SeriesState.CLASSIFYING, Job.lease_owner == process_identity(worker_pid))
             ).all()
             for row in rows:
                 out.append((row.id, self._retry_or_fail(conn, row.id, row.attempts, row.version, row.current, cause,

@@ -72,6 +72,8 @@ class Series(Base):
     last_received_at: Mapped[float] = mapped_column(Float)
     completed_at: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # Retention (storage/retention.py) removed the spool files at this time; the rows stay for history.
+    purged_at: Mapped[float | None] = mapped_column(Float)
 
 
 class Instance(Base):
@@ -118,6 +120,13 @@ class Job(Base):
     sr_path: Mapped[str | None] = mapped_column(String(300))
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # When selection queued this version, and when a worker claimed it (claim latency).
+    queued_at: Mapped[float | None] = mapped_column(Float)
+    claimed_at: Mapped[float | None] = mapped_column(Float)
+    # While `classifying`: who holds the job ("host:pid" of a worker process) and until when; the
+    # worker's heartbeat extends the lease, and an expired lease returns the job to the queue.
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
 
 
 class Delivery(Base):
@@ -134,6 +143,9 @@ class Delivery(Base):
     next_attempt_at: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[float] = mapped_column(Float)
+    # The exporter sending it now ("host:pid"); next_attempt_at is pushed past the send meanwhile,
+    # so no other exporter takes it.
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
 
 
 class ResultObject(Base):

@@ -10,8 +10,11 @@ that passed :func:`storage.uids.is_valid_uid`.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,8 @@ from pathlib import Path
 from storage.uids import is_valid_uid
 
 TMP_SUFFIX = ".tmp"
+# Hostnames are not UIDs: keep what is safe in a file name.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())[:64] or "host"
 DCM_SUFFIX = ".dcm"
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1524.1.1"
@@ -279,7 +284,8 @@ class Spool:
         if not is_valid_uid(sop_instance_uid):
             raise SpoolError("SOP Instance UID is not a valid UID; refusing to use it in a path")
         self._ensure_dir(self.incoming)
-        tmp = self.incoming / f"{sop_instance_uid}.{threading.get_ident()}{TMP_SUFFIX}"
+        # Unique per thread, process and machine: nodes that share a spool may stage the same instance at once.
+        tmp = self.incoming / f"{sop_instance_uid}.{_HOST}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -351,11 +357,21 @@ class Spool:
                 return True
         return same_dataset_content(existing, meta + encoded)
 
-    def remove_partial_files(self) -> int:
-        """Delete temporary files left by a crash; returns how many."""
+    def remove_partial_files(self, older_than_seconds: float = 0) -> int:
+        """Delete temporary files left by a crash; returns how many.
+
+        On a spool shared by several nodes, `older_than_seconds` spares the files other nodes are
+        writing now (a staged file lives for one C-STORE).
+        """
         removed = 0
+        cutoff = time.time() - older_than_seconds
         for tmp in self.root.rglob(f"*{TMP_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
+            try:
+                if older_than_seconds and tmp.stat().st_mtime > cutoff:
+                    continue
+                tmp.unlink()
+            except FileNotFoundError:
+                continue
             removed += 1
         return removed
 

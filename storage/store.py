@@ -107,6 +107,8 @@ class SeriesView:
     image_path: str | None = None
     jobs: list[dict] = field(default_factory=list)
     sent_objects: list[dict] = field(default_factory=list)
+    purged_at: str | None = None
+    """When retention removed the series' spool files (rows and results stay)."""
 
     def to_json(self, detail: bool = False) -> dict:
         data = asdict(self)
@@ -125,20 +127,25 @@ def iso(ts: float | None) -> str | None:
 # Hot-path SQL (one C-STORE = one transaction of these). Plain, portable SQL
 # with :named parameters: run on the pooled DBAPI connection for SQLite (the
 # SQLAlchemy execution layer cost 3x the database work here), through text()
-# on other databases.
+# on other databases. Race-free under concurrent ingest on PostgreSQL's READ
+# COMMITTED (several nodes receiving the same study): rows are created with
+# INSERT ... ON CONFLICT DO NOTHING, never select-then-insert, and the series
+# row is locked (FOR UPDATE) before its count changes. SQLite's BEGIN IMMEDIATE
+# serialises writers anyway.
 _SELECT_INSTANCE_SERIES = "SELECT series_instance_uid FROM instance WHERE sop_instance_uid = :sop"
-_SELECT_SERIES = "SELECT study_instance_uid, state, version FROM series WHERE series_instance_uid = :series"
-_INSERT_SERIES = (
+_UPSERT_SERIES = (
     "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_description, series_number, "
     "calling_ae_title, expected_instances, instances, state, version, first_received_at, last_received_at, "
     "updated_at) VALUES (:series_instance_uid, :study_instance_uid, :modality, :series_description, "
-    ":series_number, :calling_ae_title, :expected_instances, :instances, :state, 1, :now, :now, :now)"
+    ":series_number, :calling_ae_title, :expected_instances, 0, :state, 1, :now, :now, :now) "
+    "ON CONFLICT (series_instance_uid) DO NOTHING"
 )
+_SELECT_SERIES = "SELECT study_instance_uid, state, version FROM series WHERE series_instance_uid = :series"
 _INSERT_INSTANCE = (
     "INSERT INTO instance (sop_instance_uid, series_instance_uid, sop_class_uid, transfer_syntax_uid, "
     "number_of_frames, instance_number, size_bytes, path, received_at) VALUES (:sop_instance_uid, "
     ":series_instance_uid, :sop_class_uid, :transfer_syntax_uid, :number_of_frames, :instance_number, "
-    ":size_bytes, :path, :received_at)"
+    ":size_bytes, :path, :received_at) ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING sop_instance_uid"
 )
 _REPLACE_INSTANCE = (
     "UPDATE instance SET sop_class_uid = :sop_class_uid, transfer_syntax_uid = :transfer_syntax_uid, "
@@ -150,10 +157,12 @@ _COUNT_INSTANCE = (
     "expected_instances = COALESCE(:expected, expected_instances) WHERE series_instance_uid = :series"
 )
 # A new or changed instance after completion reopens the series as a new version.
+# A purged series (storage/retention.py) has no instance rows left: it counts from zero again.
 _REOPEN_SERIES = (
-    "UPDATE series SET instances = instances + :added, last_received_at = :now, updated_at = :now, "
+    "UPDATE series SET instances = CASE WHEN purged_at IS NULL THEN instances ELSE 0 END + :added, "
+    "last_received_at = :now, updated_at = :now, "
     "first_received_at = :now, expected_instances = COALESCE(:expected, expected_instances), "
-    "state = 'receiving', version = version + 1, reason = :reason, completed_at = NULL "
+    "state = 'receiving', version = version + 1, reason = :reason, completed_at = NULL, purged_at = NULL "
     "WHERE series_instance_uid = :series"
 )
 # A new version of a series supersedes the unfinished work of its older versions: their
@@ -176,6 +185,8 @@ class JobStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Row locks exist on server databases; SQLite's BEGIN IMMEDIATE already holds the whole database.
+        self._for_update = " FOR UPDATE" if engine.dialect.name != "sqlite" else ""
 
     # ---- ingest -------------------------------------------------------------
     @contextlib.contextmanager
@@ -224,44 +235,50 @@ class JobStore:
                 raise StoreError("SOP Instance UID already recorded in another series")
             if known is not None and not replaced_content:
                 return RecordOutcome.DUPLICATE
-            series = run(_SELECT_SERIES, {"series": rec.series_instance_uid}).fetchone()
             private = is_private_sop_class(rec.sop_class_uid)
-            added = 0 if known is not None or private else 1
             expected = None if private else rec.expected_instances
-            counted = {"series": rec.series_instance_uid, "added": added, "now": now, "expected": expected}
-            if series is None:
-                run(
-                    _INSERT_SERIES,
-                    {
-                        "series_instance_uid": rec.series_instance_uid,
-                        "study_instance_uid": rec.study_instance_uid,
-                        "modality": rec.modality,
-                        "series_description": rec.series_description,
-                        "series_number": rec.series_number,
-                        "calling_ae_title": rec.calling_ae_title,
-                        "expected_instances": expected,
-                        "instances": added,
-                        "state": SeriesState.RECEIVING.value,
-                        "now": now,
-                    },
-                )
-            elif series[0] != rec.study_instance_uid:
+            run(_UPSERT_SERIES, {
+                "series_instance_uid": rec.series_instance_uid,
+                "study_instance_uid": rec.study_instance_uid,
+                "modality": rec.modality,
+                "series_description": rec.series_description,
+                "series_number": rec.series_number,
+                "calling_ae_title": rec.calling_ae_title,
+                "expected_instances": expected,
+                "state": SeriesState.RECEIVING.value,
+                "now": now,
+            })
+            study, state, version = run(_SELECT_SERIES + self._for_update, {"series": rec.series_instance_uid}).fetchone()
+            if study != rec.study_instance_uid:
                 raise StoreError("Series Instance UID already recorded in another study")
-            elif series[1] == SeriesState.RECEIVING:
+            if known is None:
+                if run(_INSERT_INSTANCE, row).fetchone() is None:
+                    # Recorded meanwhile by a concurrent ingest (another association or node).
+                    known = run(_SELECT_INSTANCE_SERIES, {"sop": rec.sop_instance_uid}).fetchone()
+                    if known[0] != rec.series_instance_uid:
+                        raise StoreError("SOP Instance UID already recorded in another series")
+                    if not replaced_content:
+                        return RecordOutcome.DUPLICATE
+                    run(_REPLACE_INSTANCE, row)
+                    outcome = RecordOutcome.REPLACED
+                else:
+                    outcome = RecordOutcome.NEW
+            else:
+                run(_REPLACE_INSTANCE, row)
+                outcome = RecordOutcome.REPLACED
+            added = 1 if outcome is RecordOutcome.NEW and not private else 0
+            counted = {"series": rec.series_instance_uid, "added": added, "now": now, "expected": expected}
+            if state == SeriesState.RECEIVING:
                 run(_COUNT_INSTANCE, counted)
             elif private:
                 pass  # a vendor object after completion changes no image: the series stays as it is
             else:
-                run(_REOPEN_SERIES, {**counted, "reason": f"reopened: new or changed instance after {series[1]}"})
-                superseded = {"series": rec.series_instance_uid, "version": series[2] + 1, "now": now,
-                              "reason": f"superseded by version {series[2] + 1} (new or changed instance)"}
+                run(_REOPEN_SERIES, {**counted, "reason": f"reopened: new or changed instance after {state}"})
+                superseded = {"series": rec.series_instance_uid, "version": version + 1, "now": now,
+                              "reason": f"superseded by version {version + 1} (new or changed instance)"}
                 for sql in SUPERSEDE_OLDER:
                     run(sql, superseded)
-            if known is None:
-                run(_INSERT_INSTANCE, row)
-                return RecordOutcome.NEW
-            run(_REPLACE_INSTANCE, row)
-            return RecordOutcome.REPLACED
+            return outcome
 
     def forget_instance(self, series_instance_uid: str, sop_instance_uid: str) -> None:
         """Undo a NEW record whose spool file could not be made durable."""
@@ -271,10 +288,14 @@ class JobStore:
             if row is None or not is_private_sop_class(row[0]):
                 run(_UNCOUNT_INSTANCE, {"series": series_instance_uid})
 
-    def instance_paths(self) -> dict[str, tuple[str, str]]:
-        """Spool path -> (series UID, SOP Instance UID) of every recorded instance."""
+    def instance_paths(self, received_before: float | None = None) -> dict[str, tuple[str, str]]:
+        """Spool path -> (series UID, SOP Instance UID) of every recorded instance (received before
+        `received_before`, when given)."""
+        query = select(Instance.path, Instance.series_instance_uid, Instance.sop_instance_uid)
+        if received_before is not None:
+            query = query.where(Instance.received_at < received_before)
         with self.engine.connect() as conn:
-            rows = conn.execute(select(Instance.path, Instance.series_instance_uid, Instance.sop_instance_uid))
+            rows = conn.execute(query)
             return {path: (series, sop) for path, series, sop in rows}
 
     # ---- completion ---------------------------------------------------------
@@ -407,6 +428,10 @@ class JobStore:
                 "objects": objects.get(j.id, []),
                 "created_at": iso(j.created_at),
                 "updated_at": iso(j.updated_at),
+                "queued_at": iso(j.queued_at),
+                "claimed_at": iso(j.claimed_at),
+                "lease_owner": j.lease_owner,
+                "lease_expires_at": iso(j.lease_expires_at),
             }
             for j in jobs
         )
@@ -418,7 +443,8 @@ class JobStore:
         if job_ids:
             for d in conn.execute(select(Delivery).where(Delivery.job_id.in_(job_ids)).order_by(Delivery.id)):
                 out.setdefault(d.job_id, []).append(
-                    {"destination": d.destination, "state": d.state, "attempts": d.attempts, "last_error": d.last_error}
+                    {"destination": d.destination, "state": d.state, "attempts": d.attempts, "last_error": d.last_error,
+                     "next_attempt_at": iso(d.next_attempt_at) if d.state == "pending" else None}
                 )
         return out
 
@@ -457,4 +483,5 @@ class JobStore:
             timings=json.loads(row.timings) if row.timings else None,
             deliveries=deliveries,
             sr_path=row.sr_path,
+            purged_at=iso(row.purged_at),
         )

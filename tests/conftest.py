@@ -134,3 +134,28 @@ def in_process_node(tmp_path):
     yield make
     for svc in started:
         svc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session (tests/pg.py); each test makes its own database."""
+    from tests.pg import PostgresServer, _children_of_data_dir
+
+    server = PostgresServer.start_new()
+    try:
+        yield server
+    finally:
+        root = server.root
+        server.stop()
+        assert not _children_of_data_dir(root), "PostgreSQL processes left running after stop"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """The job database of a core storage test: a fresh SQLite file, and a fresh database on a real
+    PostgreSQL server (the same tests run against both engines)."""
+    if request.param == "sqlite":
+        from storage.db import sqlite_url
+
+        return sqlite_url(tmp_path / "node.db")
+    return request.getfixturevalue("postgres_server").create_database()

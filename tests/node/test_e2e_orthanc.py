@@ -86,7 +86,8 @@ def test_study_from_scanner_sr_in_orthanc_then_replay_and_resend(node_factory, o
     send_study(root, node.port)
 
     row = wait_state(node, t1.series_instance_uid, "delivered")
-    assert row["deliveries"] == [{"destination": "pacs", "state": "sent", "attempts": 1, "last_error": None}]
+    assert row["deliveries"] == [{"destination": "pacs", "state": "sent", "attempts": 1, "last_error": None,
+                                 "next_attempt_at": None}]
     assert set(row["timings"]) >= {"load", "assemble", "preprocess", "inference", "report", "write"}
     skipped = wait_state(node, t2.series_instance_uid, "skipped")
     assert "T2W_TSE" in skipped["reason"] and skipped["sr_sop_instance_uid"] is None

@@ -136,7 +136,7 @@ def test_dead_worker_is_restarted_and_its_job_counts_an_attempt(node_factory, ti
     worker = first
     for attempt in (1, 2):
         # The job records which worker holds it; kill that worker while it classifies.
-        held = f"classifying in worker process {worker}"
+        held = f"classifying in worker process {worker} on {socket.gethostname()}"
         wait_until(lambda: db_rows(node, f"select 1 from job where state = 'classifying' and reason = '{held}'"),
                    timeout=60, interval=0.01, what=f"worker {worker} to classify (attempt {attempt})")
         os.kill(worker, signal.SIGKILL)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import random
+import subprocess
 import threading
+import time
 
 import pydicom
 import pytest
@@ -118,13 +120,21 @@ def test_failures_are_retried_then_failed_and_interrupted_jobs_requeued(service,
     view = svc.store.get_series(series.series_instance_uid)
     assert view.state == "failed" and "failed after 2 attempt(s)" in view.reason
 
-    # A job left `classifying` (worker killed) goes back to the queue at start-up.
+    # A job left `classifying` by a worker process of this machine that is gone goes back to the queue
+    # at start-up; a live process's job stays with it (it returns through its lease, if ever).
     victim.write_bytes(saved)
     svc.queue.replay(series.series_instance_uid)
     svc.dispatcher.run()
-    claimed = svc.queue.claim()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    claimed = svc.queue.claim(worker_pid=gone.pid)
     assert claimed is not None and svc.store.get_series(series.series_instance_uid).state == "classifying"
     assert svc.queue.requeue_interrupted() == 1
+    assert svc.store.get_series(series.series_instance_uid).state == "queued"
+    assert svc.queue.claim() is not None  # held by this (live) test process now
+    assert svc.queue.requeue_interrupted() == 0
+    assert svc.store.get_series(series.series_instance_uid).state == "classifying"
+    assert svc.queue.expire_leases(3, 0, now=time.time() + svc.settings.worker.lease_seconds + 1)
     assert svc.store.get_series(series.series_instance_uid).state == "queued"
 
 
@@ -176,7 +186,8 @@ def test_export_retries_out_of_resources_and_delivers_once(service, t1):
         series = _classified(svc, t1, ["pacs"])
         view = wait_until(lambda: (v := svc.store.get_series(series.series_instance_uid)) and v.state == "delivered"
                           and v, timeout=30)
-        assert view.deliveries == [{"destination": "pacs", "state": "sent", "attempts": 2, "last_error": None}]
+        assert view.deliveries == [{"destination": "pacs", "state": "sent", "attempts": 2, "last_error": None,
+                                 "next_attempt_at": None}]
         assert pacs.received == [view.sr_sop_instance_uid]
     finally:
         pacs.close()
@@ -338,7 +349,8 @@ def test_export_warning_status_is_delivered(tmp_path, status):
         pacs.close()
     view = store.get_series("1.2.3")
     assert view.state == "delivered"
-    assert view.deliveries == [{"destination": "pacs", "state": "sent", "attempts": 1, "last_error": None}]
+    assert view.deliveries == [{"destination": "pacs", "state": "sent", "attempts": 1, "last_error": None,
+                                 "next_attempt_at": None}]
     [sent] = store.get_series("1.2.3").sent_objects
     assert sent["status"] == status
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage.db import make_engine, sqlite_url
+from storage.db import make_engine
 from storage.jobs import JobQueue, JobStoreError, ResultFile
 from storage.store import JobStore
 from tests.storage.test_store import record
@@ -13,9 +13,10 @@ SERIES = "1.2.3"
 
 
 @pytest.fixture
-def queue(tmp_path):
-    engine = make_engine(sqlite_url(tmp_path / "node.db"))
-    return JobStore(engine), JobQueue(engine)
+def queue(database_url):
+    engine = make_engine(database_url)
+    yield JobStore(engine), JobQueue(engine)
+    engine.dispose()
 
 
 def _complete(store: JobStore, queue: JobQueue) -> int:

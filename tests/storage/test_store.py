@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from storage.db import make_engine, sqlite_url
+from storage.db import make_engine
 from storage.store import InstanceRecord, JobStore, RecordOutcome, StoreError
 
 
 @pytest.fixture
-def store(tmp_path):
-    return JobStore(make_engine(sqlite_url(tmp_path / "node.db")))
+def store(database_url):
+    engine = make_engine(database_url)
+    yield JobStore(engine)
+    engine.dispose()
 
 
 def record(sop: str, series: str = "1.2.3", study: str = "1.2", expected: int | None = 2) -> InstanceRecord:
@@ -18,6 +20,8 @@ def record(sop: str, series: str = "1.2.3", study: str = "1.2", expected: int | 
 
 
 def test_sqlite_is_wal(store):
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite only")
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
@@ -57,3 +61,39 @@ def test_forget_instance_undoes_a_record(store):
     store.forget_instance("1.2.3", "1.2.3.1")
     assert store.count_instances() == 0
     assert store.get_series("1.2.3").instances == 0
+
+
+def test_concurrent_ingest_of_the_same_instances_counts_each_once(database_url):
+    """Two nodes (two engines) with four threads each record the same 40 instances at once: every
+    record succeeds, each instance is NEW exactly once, and the series counts 40. Select-then-insert
+    failed here on PostgreSQL (unique violations) under READ COMMITTED."""
+    import threading
+
+    engines = [make_engine(database_url) for _ in range(2)]
+    stores = [JobStore(e) for e in engines]
+    outcomes: list[RecordOutcome] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def ingest(store: JobStore) -> None:
+        try:
+            barrier.wait()
+            for i in range(40):
+                outcomes.append(store.record_instance(record(f"1.2.3.{i}", expected=40), replaced_content=False))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ingest, args=(stores[i % 2],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors
+        assert outcomes.count(RecordOutcome.NEW) == 40
+        assert outcomes.count(RecordOutcome.DUPLICATE) == 7 * 40
+        (snapshot,) = stores[0].receiving_series()
+        assert snapshot.instances == 40
+    finally:
+        for e in engines:
+            e.dispose()
