@@ -184,7 +184,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging("WARNING")
     from node.demo import run_demo
+    from storage.db import make_engine
+    from storage.schema import upgrade
 
+    # The demo's own data directory follows the release it runs: no separate `db upgrade` step.
+    url = settings.storage.resolved_database_url
+    if url.startswith("sqlite:"):
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = make_engine(url, check_schema=False)
+    try:
+        upgrade(engine, url)
+    finally:
+        engine.dispose()
     try:
         return run_demo(settings, args.config, viewer=args.viewer)
     except KeyboardInterrupt:  # everything it started is shut down on the way out

@@ -305,14 +305,24 @@ class Spool:
     def commit(self, staged: Path, key: SpoolKey) -> Path:
         """Rename a staged file into place and make the rename durable."""
         final = self.path_for(key)
-        self._ensure_dir(final.parent)
-        try:
-            os.rename(staged, final)
-            _fsync_dir(final.parent)
-        except OSError as exc:
-            self.discard(staged)
-            raise SpoolError(f"cannot place {key.relative_path}: {exc.strerror or exc}") from exc
-        return final
+        for attempt in range(3):
+            self._ensure_dir(final.parent)
+            try:
+                os.rename(staged, final)
+                _fsync_dir(final.parent)
+                return final
+            except FileNotFoundError as exc:
+                # Retention (storage/retention.py, maybe on another node) removed the emptied series or
+                # study folder after we made sure of it: make it again.
+                with self._lock:
+                    self._known_dirs.discard(final.parent)
+                if attempt == 2 or not staged.exists():
+                    self.discard(staged)
+                    raise SpoolError(f"cannot place {key.relative_path}: {exc.strerror or exc}") from exc
+            except OSError as exc:
+                self.discard(staged)
+                raise SpoolError(f"cannot place {key.relative_path}: {exc.strerror or exc}") from exc
+        raise AssertionError("unreachable")
 
     @staticmethod
     def discard(staged: Path) -> None:
