@@ -261,7 +261,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"no [[destinations]] named {args.from_pacs!r} (known: {names})", file=sys.stderr)
             return 1
         ingest = Ingest(Spool(settings.storage.spool_dir), store, settings.storage.min_free_disk_mb)
-        count = retrieve_study(peer, args.uid, ingest, settings.node.ae_title)
+        count = retrieve_study(peer, args.uid, ingest, settings.node.ae_title, settings=settings)
         print(f"retrieved {count} instance(s) of study {args.uid} from {peer.name}")
     try:
         series = queue.replay(args.uid)
@@ -322,12 +322,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.echo import c_echo, parse_peer
+    from node.echo import echo
 
     settings = _settings(args)
-    peer = parse_peer(args.peer)
-    ms = c_echo(peer, settings.node.ae_title, timeout=args.timeout)
-    print(f"C-ECHO {peer}: success in {ms:.1f} ms (calling AE {settings.node.ae_title})")
+    result = echo(args.peer, settings.destinations, settings.node.ae_title, timeout=args.timeout)
+    calling = f" (calling AE {settings.node.ae_title})" if result.dimse else ""
+    print(f"{result.what}: success in {result.ms:.1f} ms{calling}")
     return 0
 
 
@@ -381,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", parents=[common], help="classify a series or study again (new job version)")
     p.add_argument("uid", metavar="STUDY_UID|SERIES_UID")
-    p.add_argument("--from-pacs", metavar="NAME", help="first retrieve the study by C-GET from this destination")
+    p.add_argument("--from-pacs", metavar="NAME",
+                   help='first retrieve the study from this destination (C-GET, or C-MOVE to our AE title with '
+                   'retrieve = "move")')
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("resend", parents=[common], help="send the existing SR of a series again")
@@ -406,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("echo", parents=[common], help="C-ECHO a peer: AE@HOST:PORT")
-    p.add_argument("peer", metavar="AE@HOST:PORT")
+    p = sub.add_parser("echo", parents=[common], help="check a peer: C-ECHO AE@HOST:PORT, or a [[destinations]] "
+                       "name (C-ECHO, or QIDO-RS for a DICOMweb url)")
+    p.add_argument("peer", metavar="AE@HOST:PORT|DESTINATION")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=cmd_echo)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -185,6 +186,13 @@ class Destination(_Section):
             return None
         if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
             raise ValueError("expected an http:// or https:// DICOMweb base URL such as http://pacs:8042/dicom-web")
+        parts = urlsplit(value)
+        if "@" in parts.netloc:
+            raise ValueError("no user:password in url (it would show in logs); use auth and credentials_env")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError("the url's port must be 1-65535") from None
         return value.rstrip("/")
 
     @field_validator("credentials_env")

@@ -63,3 +63,16 @@ def shorten_acceptor_reactor_sleep() -> bool:
     if not isinstance(association.time, _ShortReactorSleep):
         association.time = _ShortReactorSleep(time)
     return True
+
+
+def node_ae(ae_title: str):  # noqa: ANN201  pynetdicom.AE
+    """An AE that names itself as migraine-node in every association (Implementation Class UID and
+    Version Name, PS3.7 D.3.3.2), the same identity as our files' meta header, not pynetdicom's."""
+    from pynetdicom import AE
+
+    from storage.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+    ae = AE(ae_title=ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return ae

@@ -1,14 +1,21 @@
-"""C-ECHO SCU: `migraine-node echo AE@HOST:PORT` checks a peer."""
+"""Connectivity checks: `migraine-node echo AE@HOST:PORT|DESTINATION` checks a peer.
+
+AE@HOST:PORT, or a [[destinations]] name given by ae_title/host/port, gets a C-ECHO;
+a destination given by a DICOMweb url gets an authenticated QIDO-RS
+`GET <url>/studies?limit=1`, which must answer 200 or 204.
+"""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.config import Destination
+from node.dimse_tuning import node_ae
 from node.errors import PeerError
 
 _PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>[0-9]{1,5})$")
@@ -33,7 +40,7 @@ def parse_peer(text: str) -> Peer:
 
 def c_echo(peer: Peer, calling_ae_title: str, timeout: float = 10.0) -> float:
     """C-ECHO `peer`; returns round-trip milliseconds or raises PeerError."""
-    ae = AE(ae_title=calling_ae_title)
+    ae = node_ae(calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context(Verification)
@@ -50,3 +57,49 @@ def c_echo(peer: Peer, calling_ae_title: str, timeout: float = 10.0) -> float:
     if not status or status.get("Status") != 0:
         raise PeerError(f"{peer} answered C-ECHO with status {status.get('Status') if status else 'none'}")
     return (time.perf_counter() - started) * 1000
+
+
+def dicomweb_echo(destination: Destination, timeout: float = 10.0) -> float:
+    """QIDO-RS `GET <url>/studies?limit=1` with the destination's credentials; milliseconds or PeerError.
+
+    A missing credentials variable raises dicomweb.CredentialsError (a ConfigError naming the variable).
+    """
+    from node import dicomweb
+
+    where = dicomweb.where(destination)
+    with dicomweb.DicomWebClient(destination, timeout) as client:
+        try:
+            return client.probe()
+        except dicomweb.TransportError as exc:
+            raise PeerError(str(exc)) from None
+        except dicomweb.HttpError as exc:
+            hint = ""
+            if exc.status in (401, 403):
+                hint = (f" (check the credentials in ${destination.credentials_env})" if destination.credentials_env
+                        else " (the destination wants credentials: set auth and credentials_env)")
+            raise PeerError(f"QIDO-RS to {where} answered {exc}{hint}") from None
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    what: str  # "C-ECHO ORTHANC@127.0.0.1:4242", "QIDO-RS pacs (http://pacs:8042/dicom-web)"
+    ms: float
+    dimse: bool  # a C-ECHO (the calling AE title matters), else an HTTP request
+
+
+def echo(target: str, destinations: Sequence[Destination], calling_ae_title: str, timeout: float = 10.0) -> EchoResult:
+    """Check `target`: the name of one of `destinations`, or AE@HOST:PORT."""
+    destination = next((d for d in destinations if d.name == target.strip()), None)
+    if destination is None and "@" not in target:
+        names = ", ".join(d.name for d in destinations) or "none configured"
+        raise PeerError(f"expected AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242) or a [[destinations]] name "
+                        f"(known: {names}), got {target!r}")
+    if destination is not None and destination.is_dicomweb:
+        from node.dicomweb import where
+
+        return EchoResult(f"QIDO-RS {where(destination)}", dicomweb_echo(destination, timeout), False)
+    if destination is not None:
+        peer = Peer(destination.ae_title or "", destination.host or "", destination.port or 0)
+    else:
+        peer = parse_peer(target)
+    return EchoResult(f"C-ECHO {peer}", c_echo(peer, calling_ae_title, timeout=timeout), True)

@@ -1,19 +1,35 @@
-"""Export: C-STORE each pending result to its destination, retried until delivered.
+"""Export: send each pending result to its destination, retried until delivered.
 
 A result is the SR and, where a destination asks for it (`objects`), the
-result image. One association per destination per batch, proposing the SOP
-classes of the objects to send; a delivery is sent when every object it
-carries was stored. Each acknowledged object is recorded (`show` lists them).
+result image. A delivery is sent when every object it carries was stored.
+Each acknowledged object is recorded with the destination's status (`show`
+lists them). State lives in the database, so a delivery survives restarts.
+
+DICOM destinations (ae_title/host/port) get C-STORE: one association per
+destination per batch, proposing the SOP classes of the objects to send.
 Temporary failures (connection refused, timeout, abort, 0xA7xx out of
 resources) are retried with exponential backoff and jitter; permanent ones
 (association rejected, 0xA9xx/0xCxxx refusals, SOP class not supported) fail
 the delivery at once with the reason. Warning statuses (0xBxxx, 0x0001,
-0x0107, 0x0116) mean the object was stored. Any other error while sending is
-recorded on the delivery as a temporary failure with backoff, never raised to
-the scheduler. A destination that stays down logs its retry warning only when
-the reason changes or every RETRY_LOG_INTERVAL seconds; the reason is always on
-the delivery row (`show`, `status`). State lives in the database, so a delivery
-survives restarts.
+0x0107, 0x0116) mean the object was stored.
+
+DICOMweb destinations (url) get STOW-RS (node/dicomweb.py): one POST of the
+delivery's objects to <url>/studies per delivery, over one keep-alive HTTP
+connection per batch, with HTTP basic or bearer credentials read from the
+environment variable the destination names (never stored or logged). The
+HTTP status is what is recorded per object. Connection errors, timeouts, 408,
+429 and 5xx are temporary (a delivery after a temporary failure in a batch
+waits for the next attempt too); other answers that store nothing (4xx, 409
+conflict) fail the delivery at once with the status line and the server's
+reason (FailureReason of FailedSOPSequence, or a short quote of the body); a
+202 stores only the objects it lists as referenced. A missing credentials
+variable fails the delivery at once, naming the variable.
+
+Any other error while sending is recorded on the delivery as a temporary
+failure with backoff, never raised to the scheduler. A destination that stays
+down logs its retry warning only when the reason changes or every
+RETRY_LOG_INTERVAL seconds; the reason is always on the delivery row (`show`,
+`status`).
 """
 
 from __future__ import annotations
@@ -23,11 +39,14 @@ import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
 
+from node import dicomweb
 from node.config import Destination, ExportSection
+from node.dimse_tuning import node_ae
+from node.errors import ConfigError
 from node.logs import log_context
 from storage.jobs import DueDelivery, JobQueue, ResultFile
 
@@ -35,6 +54,10 @@ log = logging.getLogger(__name__)
 
 WARNING_STATUSES = frozenset({0x0001, 0x0107, 0x0116})
 """C-STORE warnings outside 0xBxxx (PS3.7 C.4.2.1.4): the object was stored."""
+
+CLAIM_LIMIT = 20
+"""Deliveries taken per run. They are leased for timeout x (CLAIM_LIMIT + 2): long enough to send
+them all one after another, after which another exporter may take what is left unsent."""
 
 RETRY_LOG_INTERVAL = 600.0
 """Seconds between repeated retry warnings for one destination failing with the same reason."""
@@ -77,7 +100,8 @@ class Exporter:
     def run_due(self, now: float | None = None) -> int:
         """Send every due delivery; returns how many were attempted."""
         batches: dict[str, list[DueDelivery]] = defaultdict(list)
-        for item in self.queue.due_deliveries(now):
+        for item in self.queue.claim_deliveries(now, limit=CLAIM_LIMIT,
+                                                lease_seconds=self.section.timeout_seconds * (CLAIM_LIMIT + 2)):
             batches[item.destination].append(item)
         for name, items in batches.items():
             destination = self.destinations.get(name)
@@ -111,13 +135,21 @@ class Exporter:
         items = [item for item in items if wanted[item.delivery_id]]
         if not items:
             return
-        ae = AE(ae_title=self.calling_ae_title)
+        if destination.is_dicomweb:
+            self._send_batch_dicomweb(destination, items, wanted, recorded)
+        else:
+            self._send_batch_dimse(destination, items, wanted, recorded)
+
+    def _send_batch_dimse(self, destination: Destination, items: list[DueDelivery],
+                          wanted: dict[int, list[ResultFile]], recorded: set[int]) -> None:
+        """C-STORE over one association: each delivery's objects in turn."""
+        ae = node_ae(self.calling_ae_title)
         timeout = self.section.timeout_seconds
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
         for sop_class_uid in sorted({o.sop_class_uid for objs in wanted.values() for o in objs}):
             ae.add_requested_context(sop_class_uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-        where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+        where = destination.describe()
         if assoc.is_rejected:
             for item in items:
                 self._record(item, Outcome(False, True, f"association rejected by {where}"))
@@ -138,6 +170,66 @@ class Exporter:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _send_batch_dicomweb(self, destination: Destination, items: list[DueDelivery],
+                             wanted: dict[int, list[ResultFile]], recorded: set[int]) -> None:
+        """STOW-RS: one POST per delivery over one keep-alive connection.
+
+        After a temporary failure (no answer, 408/429/5xx) the batch stops: the deliveries not
+        yet tried get the same outcome (the same message, so the retry warning is not repeated
+        for each), and wait for their backoff too.
+        """
+        where = dicomweb.where(destination)
+        try:
+            client = dicomweb.DicomWebClient(destination, self.section.timeout_seconds)
+        except ConfigError as exc:  # the credentials variable is missing or malformed, the url unusable
+            for item in items:
+                self._record(item, Outcome(False, True, str(exc)))
+                recorded.add(item.delivery_id)
+            return
+        with client:
+            stop: Outcome | None = None
+            for item in items:
+                if stop is not None:
+                    outcome, sent = stop, ()
+                else:
+                    try:
+                        outcome, sent = self._stow(client, where, wanted[item.delivery_id])
+                    except Exception as exc:  # noqa: BLE001 - recorded here, redacted: run_due would keep the text
+                        log.debug("STOW-RS to %s raised %s", destination.name, type(exc).__name__)
+                        message = client.redact(f"error sending to {where}: {type(exc).__name__}: {exc}")
+                        outcome, sent = Outcome(False, False, message), ()
+                    if not outcome.sent and not outcome.permanent:
+                        stop = outcome
+                self._record(item, outcome, sent)
+                recorded.add(item.delivery_id)
+
+    @staticmethod
+    def _stow(client: dicomweb.DicomWebClient, where: str,
+              objects: list[ResultFile]) -> tuple[Outcome, tuple[tuple[ResultFile, int], ...]]:
+        """POST one delivery's objects; it is sent when the answer says each of them was stored."""
+        try:
+            parts = [Path(obj.path).read_bytes() for obj in objects]
+        except OSError as exc:
+            return Outcome(False, True, f"cannot read a result file: {exc}"), ()
+        try:
+            answer = client.store(parts)
+        except dicomweb.TransportError as exc:
+            return Outcome(False, False, str(exc)), ()
+        labels = {obj.sop_instance_uid: obj.kind for obj in objects}
+        result = dicomweb.classify_store_response(answer.status, answer.reason, answer.content_type, answer.body,
+                                                  [obj.sop_instance_uid for obj in objects], labels)
+        sent = tuple((obj, answer.status) for obj in objects if obj.sop_instance_uid in result.stored)
+        if result.all_stored:
+            warnings = sorted({code for code in result.stored.values() if code is not None})
+            note = f" with warning {', '.join(f'0x{c:04X}' for c in warnings)}" if warnings else ""
+            return Outcome(True, False, f"stored (HTTP {answer.status}){note}"), sent
+        message = f"STOW-RS to {where}: {result.message}"
+        if answer.status in (401, 403) and client.destination.credentials_env:
+            message += f" (check the credentials in ${client.destination.credentials_env})"
+        elif answer.status in (401, 403):
+            message += " (the destination wants credentials: set auth and credentials_env)"
+        return Outcome(False, not result.transient, client.redact(message)), sent
 
     @staticmethod
     def _send_objects(assoc, objects: list[ResultFile]) -> tuple[Outcome, tuple[tuple[ResultFile, int], ...]]:  # noqa: ANN001

@@ -15,15 +15,15 @@ from collections.abc import Callable, Iterable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -35,12 +35,15 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.sop_class import register_uid, uid_to_service_class
+from pynetdicom.sop_class import (
+    Verification,  # type: ignore[attr-defined]
+    register_uid,
+    uid_to_service_class,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Settings
-from node.dimse_tuning import tune_association
+from node.dimse_tuning import node_ae, tune_association
 from node.errors import IngestError, StoreStatus
 from node.header import HeaderError, instance_record, read_header
 from node.logs import log_context
@@ -301,7 +304,7 @@ def handle_assoc_end(event: evt.Event, active: ActiveAssociations, on_end: Calla
 
 def build_ae(settings: Settings) -> AE:
     """The acceptor: Verification, every storage SOP class and the configured private ones."""
-    ae = AE(ae_title=settings.node.ae_title)
+    ae = node_ae(settings.node.ae_title)
     ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs
     ae.maximum_associations = settings.node.max_associations
     ae.require_called_aet = True

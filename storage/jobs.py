@@ -150,9 +150,11 @@ class JobQueue:
     def selected(self, job_id: int, accepted: bool, reason: str, now: float | None = None) -> None:
         """Queue or skip; the completion reason is kept after the selection reason."""
         with self.engine.begin() as conn:
-            completion, current = conn.execute(select(Job.reason, Job.state).where(Job.id == job_id)).one()
+            # Locked: ingest nodes sharing a database select the same completed jobs; one decides.
+            completion, current = conn.execute(
+                select(Job.reason, Job.state).where(Job.id == job_id).with_for_update()).one()
             if current != SeriesState.COMPLETE:
-                return  # superseded meanwhile
+                return  # superseded meanwhile, or selected by another node
             state = SeriesState.QUEUED if accepted else SeriesState.SKIPPED
             full = f"{reason}; complete: {completion}" if completion else reason
             now = _now(now)

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pydicom
+import pynetdicom
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, MRImageStorage  # type: ignore[attr-defined]
@@ -365,7 +366,7 @@ def test_export_unexpected_error_is_recorded_with_backoff(tmp_path, monkeypatch)
     def explode(self, *args, **kwargs):
         raise KeyError("pynetdicom internals")
 
-    monkeypatch.setattr(export.AE, "associate", explode)
+    monkeypatch.setattr(pynetdicom.AE, "associate", explode)
     exporter = _exporter(queue, free_port())
     assert exporter.run_due() == 1  # nothing escapes to the scheduler
     [delivery] = store.get_series("1.2.3").deliveries
