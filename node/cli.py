@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from node import __version__
 from node.config import (
@@ -187,15 +188,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from storage.db import make_engine
     from storage.schema import upgrade
 
-    # The demo's own data directory follows the release it runs: no separate `db upgrade` step.
+    # The demo's own database, left by an earlier release, follows the release it runs: no separate
+    # `db upgrade` step. A new one is made by the node as usual (and nothing before the demo's checks).
+    from sqlalchemy.engine import make_url
+
     url = settings.storage.resolved_database_url
-    if url.startswith("sqlite:"):
-        settings.storage.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    engine = make_engine(url, check_schema=False)
-    try:
-        upgrade(engine, url)
-    finally:
-        engine.dispose()
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and Path(parsed.database).is_file():
+        engine = make_engine(url, check_schema=False)
+        try:
+            upgrade(engine, url)
+        finally:
+            engine.dispose()
     try:
         return run_demo(settings, args.config, viewer=args.viewer)
     except KeyboardInterrupt:  # everything it started is shut down on the way out

@@ -324,6 +324,8 @@ def _describe(error: dict[str, Any], source: str) -> str:
         return f"{where}: unknown key{allowed}"
     message = error["msg"].removeprefix("Value error, ")
     given = error.get("input")
+    if isinstance(given, str):
+        given = re.sub(r"//[^/@\s]*@", "//***@", given)  # never echo a password given inside a URL
     shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
     return f"{where}: {message}{shown} [set in {source} or {env}]"
 
