@@ -44,11 +44,48 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_file(value: Path | None) -> Path | None:
+    if value is not None and not Path(value).is_file():
+        raise ValueError(f"{value} is not a readable file")
+    return value
+
+
+class NodeTls(_Section):
+    """DICOM TLS on the SCP (PS3.15 B.1/B.9: TLS 1.2 or newer, certificates)."""
+
+    enabled: bool = False
+    # The TLS listener (2762 is DICOM's registered port for TLS).
+    port: Port = 2762
+    certificate: Path | None = None  # PEM, the node's certificate (chain)
+    private_key: Path | None = None  # PEM
+    ca_bundle: Path | None = None  # PEM, the CAs whose client certificates are trusted
+    require_client_certificate: bool = False
+    # Keep the plain [node] port open beside the TLS port; false = TLS only.
+    plain: bool = True
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    _files = field_validator("certificate", "private_key", "ca_bundle")(_check_file)
+
+    @model_validator(mode="after")
+    def _complete(self) -> NodeTls:
+        if self.enabled:
+            missing = [k for k in ("certificate", "private_key") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"TLS needs {' and '.join(missing)}")
+            if self.require_client_certificate and self.ca_bundle is None:
+                raise ValueError("require_client_certificate needs ca_bundle (the CAs to trust)")
+        return self
+
+
 class NodeSection(_Section):
     ae_title: str = "MIGRAINE_NODE"
-    host: str = "0.0.0.0"
+    # Loopback by default: opening the node to the network is a decision ("0.0.0.0" = all interfaces).
+    host: str = "127.0.0.1"
     port: Port = 11112
     allowed_calling_aets: list[str] = []
+    # Source networks allowed to associate (CIDR, IPv4 or IPv6); empty = any. Checked before the AE titles.
+    allowed_networks: list[str] = []
+    tls: NodeTls = NodeTls()
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Vendor-private SOP classes accepted and kept alongside the images (a presentation context
@@ -65,6 +102,19 @@ class NodeSection(_Section):
     @classmethod
     def _check_aets(cls, value: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in value]
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        out = []
+        for network in value:
+            try:
+                out.append(str(ipaddress.ip_network(network.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network such as 10.1.0.0/16 or 192.168.4.7") from None
+        return out
 
     @field_validator("private_sop_classes")
     @classmethod
@@ -149,6 +199,33 @@ class ExportSection(_Section):
         return self
 
 
+class MetricsSection(_Section):
+    """Prometheus metrics and /healthz over HTTP (node/metrics.py)."""
+
+    # 0 = off. Loopback by default: metrics name no patient, but they are not for every network either.
+    port: Annotated[int, Field(ge=0, le=65535)] = 0
+    host: str = "127.0.0.1"
+
+
+class DestinationTls(_Section):
+    """DICOM TLS to a destination (export, C-GET/C-MOVE, echo)."""
+
+    ca_bundle: Path  # PEM, the CAs that may sign the PACS's certificate
+    certificate: Path | None = None  # PEM, our client certificate, for PACS that require one
+    private_key: Path | None = None
+    # The name the PACS's certificate must carry; default: the destination's host.
+    server_name: str | None = None
+    verify_hostname: bool = True
+
+    _files = field_validator("certificate", "private_key", "ca_bundle")(_check_file)
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("give both certificate and private_key, or neither")
+        return self
+
+
 ResultKind = Literal["sr", "image"]
 
 
@@ -171,6 +248,8 @@ class Destination(_Section):
     # How `replay --from-pacs` retrieves from this PACS: C-GET, or C-MOVE to our own AE title
     # (the PACS must know our AE title, host and port as a move destination).
     retrieve: Literal["get", "move"] = "get"
+    # DICOM TLS for ae_title/host/port destinations (a DICOMweb url uses https:// instead).
+    tls: DestinationTls | None = None
     # What this PACS gets: the Structured Report, and/or the result image for viewers that show no SR.
     objects: list[ResultKind] = ["sr"]
 
@@ -228,6 +307,8 @@ class Destination(_Section):
             raise ValueError(f'auth = "{self.auth}" needs credentials_env, the environment variable holding the secret')
         if self.auth != "none" and self.url is None:
             raise ValueError("auth applies to a DICOMweb url only")
+        if self.tls is not None and self.url is not None:
+            raise ValueError("tls applies to DICOM destinations; a DICOMweb url uses https://")
         return self
 
     @property
@@ -255,6 +336,7 @@ class Settings(BaseSettings):
     model: ModelSection = ModelSection()
     worker: WorkerSection = WorkerSection()
     export: ExportSection = ExportSection()
+    metrics: MetricsSection = MetricsSection()
     destinations: list[Destination] = []
 
     @field_validator("destinations")

@@ -7,6 +7,7 @@ only after the spool file is fsynced and renamed and its row committed.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -35,6 +36,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import (
     Verification,  # type: ignore[attr-defined]
     register_uid,
@@ -319,6 +321,48 @@ def build_ae(settings: Settings) -> AE:
         register_private_storage(uid)
         ae.add_supported_context(uid, TRANSFER_SYNTAXES)
     return ae
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded acceptor, plus: connections from outside `allowed_networks` are closed
+    before a byte of their association request is read (logged with the address), and optionally
+    SO_REUSEPORT, so several acceptor processes can share one port."""
+
+    allowed_networks: tuple = ()
+    reuse_port: bool = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def verify_request(self, request, client_address) -> bool:  # noqa: ANN001
+        if not self.allowed_networks:
+            return True
+        try:
+            address = ipaddress.ip_address(str(client_address[0]).split("%")[0])
+        except ValueError:
+            address = None
+        if address is not None and address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address is not None and any(address in network for network in self.allowed_networks):
+            return True
+        log.warning("connection from %s refused: address not in allowed_networks", client_address[0])
+        return False
+
+
+def start_acceptor(ae: AE, address: tuple[str, int], evt_handlers: list, allowed_networks: Iterable[str] = (),
+                   ssl_context=None, reuse_port: bool = False) -> NodeAssociationServer:  # noqa: ANN001
+    """Start a non-blocking acceptor on `address` (what `AE.start_server(block=False)` does, with
+    NodeAssociationServer); stop it with its shutdown()."""
+    networks = tuple(ipaddress.ip_network(n) for n in allowed_networks)
+    server_class = type("ConfiguredAssociationServer", (NodeAssociationServer,),
+                        {"allowed_networks": networks, "reuse_port": reuse_port})
+    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers, server_class=server_class)
+    thread = threading.Thread(target=server.serve_forever, name=f"acceptor-{address[1]}", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # noqa: SLF001 - as AE.start_server does, so AE.shutdown() stops it too
+    return server
 
 
 def register_private_storage(uid: str) -> None:

@@ -31,7 +31,7 @@ from node.dispatch import Dispatcher
 from node.errors import ConfigError, NodeError
 from node.export import Exporter
 from node.recovery import SHARED_GRACE_SECONDS, recover
-from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers
+from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers, start_acceptor
 from node.tracker import SeriesTracker
 from node.worker import worker_main
 from storage.db import make_engine
@@ -215,7 +215,7 @@ class NodeService:
         if self.runs("ingest"):
             handlers = event_handlers(self.settings, self.ingest, self.active, self._association_ended)
             try:
-                self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+                self._server = start_acceptor(self.ae, (node.host, node.port), handlers, node.allowed_networks)
             except OSError as exc:
                 raise NodeError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from None
             self.port = self._server.server_address[1]

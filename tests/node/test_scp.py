@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import copy
 from pathlib import Path
 
@@ -234,3 +235,22 @@ def test_changed_pixel_in_the_same_syntax_replaces_and_reopens(service, small_se
     assert (view.version, view.instances) == (2, 48)
     stored = pydicom.dcmread(next(svc.spool.root.rglob(f"{changed.SOPInstanceUID}.dcm")))
     assert (stored.pixel_array == pixels).all()
+
+
+def test_allowed_networks_refuse_other_sources_before_the_request(in_process_node, caplog):
+    """A connection from outside [node] allowed_networks is closed unanswered (logged with its
+    address); one from inside is served. IPv4 only here: the tests run on 127.0.0.1."""
+    import logging
+
+    from tests.peers import ECHOSCU, DCMTK_ENV
+
+    caplog.set_level(logging.WARNING, logger="node.scp")
+    closed = in_process_node(node={"allowed_networks": ["10.1.0.0/16", "192.168.40.7"]})
+    result = subprocess.run([ECHOSCU, "-aec", "MIGNODE", "127.0.0.1", str(closed.port)], env=DCMTK_ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "connection from 127.0.0.1 refused: address not in allowed_networks" in caplog.text
+    opened = in_process_node(node={"allowed_networks": ["10.1.0.0/16", "127.0.0.0/8"]})
+    result = subprocess.run([ECHOSCU, "-aec", "MIGNODE", "127.0.0.1", str(opened.port)], env=DCMTK_ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
