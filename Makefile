@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install install-test apt ohif bench clean
+.PHONY: demo test install install-test apt ohif bench clean fuzz load
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -51,6 +51,14 @@ test: install-test
 
 bench: install-test
 	$(PY) bench/ingest.py
+
+# Ten concurrent senders against the node, DCMTK storescp and Orthanc (bench/load.py; minutes).
+load: install-test
+	$(PY) bench/load.py
+
+# The long fuzz run of the C-STORE SCP (tests/node/test_fuzz.py): 2,000 seeded mutations, at most 10 minutes.
+fuzz: install-test
+	FUZZ_CASES=$${FUZZ_CASES:-2000} FUZZ_SECONDS=$${FUZZ_SECONDS:-600} $(PY) -m pytest -q -s tests/node/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) migraine-node-data .pytest_cache

@@ -137,6 +137,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
     try:
         report = purge(store.engine, Spool(storage.spool_dir), storage.retention_days,
                        storage.skipped_retention_days, dry_run=args.dry_run, limit=None)
+        if not report.dry_run:
+            from storage.audit import record_purge
+
+            record_purge(store.engine, report)
     finally:
         store.engine.dispose()
     if args.json:
@@ -274,6 +278,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 1
     for uid in series:
         print(f"replay queued: series {uid} (new job version; history kept)")
+    from storage.audit import record_replay
+
+    record_replay(store.engine, args.uid, series, args.from_pacs)
     return 0
 
 
@@ -288,6 +295,9 @@ def cmd_resend(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     print(f"SR of series {args.series_instance_uid} queued for delivery to {count} destination(s)")
+    from storage.audit import record_resend
+
+    record_resend(queue.engine, args.series_instance_uid, [d.name for d in settings.destinations])
     return 0
 
 
@@ -322,6 +332,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     if data["last_delivery_error"]:
         e = data["last_delivery_error"]
         print(f"last delivery error: {e['at']} {e['destination']}: {e['error']}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The audit trail (storage/audit.py), oldest first."""
+    from storage.audit import events, format_event, parse_since
+
+    try:
+        since = None if args.since is None else parse_since(args.since)
+    except ValueError as exc:
+        raise ConfigError(f"--since: {exc}") from None
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit: give the number of newest events to show, 1 or more")
+    store = _store(_settings(args), read_only=True)
+    try:
+        rows = events(store.engine, since=since, kinds=args.kind or (), limit=args.limit)
+    finally:
+        store.engine.dispose()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(format_event(row))
+        if not rows:
+            print("no audit events" + (f" since {args.since}" if args.since else ""))
     return 0
 
 
@@ -411,6 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="queue depth, failures, last error")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    from storage.audit import KINDS as AUDIT_KINDS
+
+    p = sub.add_parser("audit", parents=[common], help="the audit trail: associations, studies received, objects "
+                       "sent, replays, resends, purges (identifiers only)")
+    p.add_argument("--since", metavar="WHEN", help="only events since a duration ago (90s, 15m, 24h, 7d, 2w) or "
+                   "an ISO 8601 date or time (UTC unless it has an offset)")
+    p.add_argument("--kind", action="append", choices=AUDIT_KINDS, help="only events of this kind (repeatable)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the newest N events")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("echo", parents=[common], help="check a peer: C-ECHO AE@HOST:PORT, or a [[destinations]] "
                        "name (C-ECHO, or QIDO-RS for a DICOMweb url)")

@@ -87,6 +87,9 @@ class NodeSection(_Section):
     allowed_networks: list[str] = []
     tls: NodeTls = NodeTls()
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
+    # Processes accepting associations on `port` (SO_REUSEPORT: the kernel spreads connections over
+    # them), sharing the spool and the database: concurrent senders then use more than one core.
+    acceptors: Annotated[int, Field(ge=1, le=16)] = 1
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Vendor-private SOP classes accepted and kept alongside the images (a presentation context
     # is offered for each). They are never counted as slices nor read by selection or the model.

@@ -17,6 +17,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from node.config import Destination
 from node.dimse_tuning import node_ae
 from node.errors import PeerError
+from node.tls import failure as tls_failure
+from node.tls import tls_args
 
 _PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>[0-9]{1,5})$")
 
@@ -38,17 +40,20 @@ def parse_peer(text: str) -> Peer:
     return Peer(match["ae"], match["host"].strip("[]"), int(match["port"]))
 
 
-def c_echo(peer: Peer, calling_ae_title: str, timeout: float = 10.0) -> float:
-    """C-ECHO `peer`; returns round-trip milliseconds or raises PeerError."""
+def c_echo(peer: Peer, calling_ae_title: str, timeout: float = 10.0, tls: tuple | None = None) -> float:
+    """C-ECHO `peer` (over DICOM TLS with `tls`, node/tls.py's tls_args); round-trip milliseconds or PeerError."""
     ae = node_ae(calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context(Verification)
     started = time.perf_counter()
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)
     if assoc.is_rejected:
         raise PeerError(f"{peer} rejected the association (check the AE titles the peer accepts)")
     if not assoc.is_established:
+        failed = tls_failure(tls[0]) if tls else None
+        if failed:
+            raise PeerError(f"{peer}: {failed[1]}")
         raise PeerError(f"{peer} not reachable (connection refused, timed out or aborted)")
     try:
         status = assoc.send_c_echo()
@@ -98,8 +103,11 @@ def echo(target: str, destinations: Sequence[Destination], calling_ae_title: str
         from node.dicomweb import where
 
         return EchoResult(f"QIDO-RS {where(destination)}", dicomweb_echo(destination, timeout), False)
+    tls = None
     if destination is not None:
         peer = Peer(destination.ae_title or "", destination.host or "", destination.port or 0)
+        tls = tls_args(destination)  # ConfigError when its key or certificate cannot be used
     else:
         peer = parse_peer(target)
-    return EchoResult(f"C-ECHO {peer}", c_echo(peer, calling_ae_title, timeout=timeout), True)
+    what = f"C-ECHO {peer}" + (" over TLS" if tls else "")
+    return EchoResult(what, c_echo(peer, calling_ae_title, timeout=timeout, tls=tls), True)

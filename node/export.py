@@ -11,7 +11,10 @@ Temporary failures (connection refused, timeout, abort, 0xA7xx out of
 resources) are retried with exponential backoff and jitter; permanent ones
 (association rejected, 0xA9xx/0xCxxx refusals, SOP class not supported) fail
 the delivery at once with the reason. Warning statuses (0xBxxx, 0x0001,
-0x0107, 0x0116) mean the object was stored.
+0x0107, 0x0116) mean the object was stored. A destination with `tls` is reached
+over DICOM TLS (node/tls.py); a PACS certificate that is not trusted, or a
+handshake the PACS refuses (our certificate, TLS version, ciphers), fails the
+delivery at once with the reason; unusable key or certificate files too.
 
 DICOMweb destinations (url) get STOW-RS (node/dicomweb.py): one POST of the
 delivery's objects to <url>/studies per delivery, over one keep-alive HTTP
@@ -48,6 +51,8 @@ from node.config import Destination, ExportSection
 from node.dimse_tuning import node_ae
 from node.errors import ConfigError
 from node.logs import log_context
+from node.tls import failure as tls_failure
+from node.tls import tls_args
 from storage.jobs import DueDelivery, JobQueue, ResultFile
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,7 @@ class Exporter:
         self.calling_ae_title = calling_ae_title
         self.section = section
         self._retry_logged: dict[str, tuple[str, float]] = {}  # destination -> (reason, when) last warned
+        self.observer = None  # node/metrics.py Observer (set by serve): counts deliveries, audits objects sent
 
     def run_due(self, now: float | None = None) -> int:
         """Send every due delivery; returns how many were attempted."""
@@ -148,16 +154,27 @@ class Exporter:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
         for sop_class_uid in sorted({o.sop_class_uid for objs in wanted.values() for o in objs}):
             ae.add_requested_context(sop_class_uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
         where = destination.describe()
+        try:
+            tls = tls_args(destination)
+        except ConfigError as exc:  # the key or certificate files of the destination's tls cannot be used
+            for item in items:
+                self._record(item, Outcome(False, True, str(exc)))
+                recorded.add(item.delivery_id)
+            return
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls)
         if assoc.is_rejected:
             for item in items:
                 self._record(item, Outcome(False, True, f"association rejected by {where}"))
                 recorded.add(item.delivery_id)
             return
         if not assoc.is_established:
+            # A TLS failure says why; an untrusted certificate or refused handshake needs a configuration change.
+            failed = tls_failure(tls[0]) if tls else None
+            outcome = (Outcome(False, failed[0], f"cannot connect to {where}: {failed[1]}") if failed
+                       else Outcome(False, False, f"cannot connect to {where}"))
             for item in items:
-                self._record(item, Outcome(False, False, f"cannot connect to {where}"))
+                self._record(item, outcome)
                 recorded.add(item.delivery_id)
             return
         try:
@@ -272,3 +289,7 @@ class Exporter:
                 else:
                     log.debug("result delivery to %s will be retried in %.0f s: %s", item.destination, delay,
                               outcome.message)
+            if self.observer is not None:  # once recorded: the result as decided above
+                result = "sent" if outcome.sent else (
+                    "failed" if outcome.permanent or item.attempts + 1 >= self.section.max_attempts else "retry")
+                self.observer.delivery_recorded(item, result, sent, self.destinations.get(item.destination))

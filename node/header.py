@@ -124,6 +124,9 @@ _WANTED = {
     0x00201002: ("images_in_acquisition", "int"),
     0x00280008: ("number_of_frames", "int"),
 }
+# Their VRs in the dictionary: the fast scan reads the value as text only when the element has that VR.
+_WANTED_VR = {tag: b"UI" for tag in (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)} | {
+    0x00080060: b"CS", 0x0008103E: b"LO", 0x00200011: b"IS", 0x00200013: b"IS", 0x00201002: b"IS", 0x00280008: b"IS"}
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -134,6 +137,75 @@ MAX_SEQUENCE_DEPTH = 64
 
 class _Unsupported(Exception):
     """The fast scanner met something it does not handle; pydicom takes over."""
+
+
+_SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
+                        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"))
+# A deflated data set is inflated whole (header, then the completeness check); one that inflates to more
+# than this many times its size, beyond the floor, is refused as a decompression bomb.
+MAX_INFLATE_RATIO = 32
+INFLATE_FLOOR_BYTES = 16 * 1024 * 1024
+
+
+def _check_complete(buf: bytes, pos: int, little: bool, implicit: bool) -> None:
+    """Walk the elements from `pos` to the end without decoding them (issue 11). A value or item that
+    runs past the end of the bytes (a data set cut inside its pixel data, a length declared far beyond
+    what was sent) is a HeaderError: acknowledging it would store an instance nobody can read. What
+    the walk cannot follow (an explicit-VR element with an unknown VR) is left as pydicom read it."""
+    try:
+        _elements_end(buf, pos, little, implicit, 0, None)
+    except _Unsupported:
+        return
+    except struct.error:
+        raise HeaderError("truncated: the data set ends inside an element header") from None
+
+
+def _elements_end(buf: bytes, pos: int, little: bool, implicit: bool, depth: int, delimiter: int | None) -> int:
+    """Position after the elements from `pos` up to `delimiter` (an item's end), or to the end of `buf`."""
+    order = "<" if little else ">"
+    while True:
+        if delimiter is None and (pos == len(buf) or (len(buf) - pos < 8 and not buf[pos:].strip(b"\x00"))):
+            return len(buf)  # the end, or a few bytes of zero padding after the last element
+        if len(buf) - pos < 8:
+            raise struct.error("ends inside an element header")
+        group, element = struct.unpack_from(order + "HH", buf, pos)
+        if (group << 16 | element) == delimiter:
+            return pos + 8
+        vr = None if implicit or group == 0xFFFE else buf[pos + 4 : pos + 6]
+        if vr is None:
+            (length,), start = struct.unpack_from(order + "I", buf, pos + 4), pos + 8
+        elif vr in _LONG_VRS:
+            (length,), start = struct.unpack_from(order + "I", buf, pos + 8), pos + 12
+        elif vr in _SHORT_VRS:
+            (length,), start = struct.unpack_from(order + "H", buf, pos + 6), pos + 8
+        else:
+            raise _Unsupported("unknown VR")
+        if length == _UNDEFINED:  # a sequence, encapsulated pixel data, or UN holding implicit VR items
+            pos = _items_end(buf, start, little, implicit or vr == b"UN", depth + 1)
+        elif start + length > len(buf):
+            raise HeaderError(f"truncated: ({group:04X},{element:04X}) declares {length} bytes, "
+                              f"{len(buf) - start} remain")
+        else:
+            pos = start + length
+
+
+def _items_end(buf: bytes, pos: int, little: bool, implicit: bool, depth: int) -> int:
+    """Position after the sequence delimiter of the undefined-length value starting at `pos`."""
+    if depth > MAX_SEQUENCE_DEPTH:
+        raise HeaderError(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+    while True:
+        group, element, length = struct.unpack_from("<HHI" if little else ">HHI", buf, pos)
+        tag, pos = group << 16 | element, pos + 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _Unsupported(f"unexpected tag {tag:08X} in a sequence")
+        if length == _UNDEFINED:
+            pos = _elements_end(buf, pos, little, implicit, depth, _ITEM_END)
+        elif pos + length > len(buf):
+            raise HeaderError(f"truncated: an item declares {length} bytes, {len(buf) - pos} remain")
+        else:
+            pos += length
 
 
 def _skip_undefined(buf: bytes, pos: int, little: bool, depth: int = 1) -> int:
@@ -179,9 +251,11 @@ def _next_element(
         if vr in _LONG_VRS:
             (length,) = struct.unpack_from(order + "I", buf, pos + 8)
             start = pos + 12
-        else:
+        elif vr in _SHORT_VRS:
             (length,) = struct.unpack_from(order + "H", buf, pos + 6)
             start = pos + 8
+        else:  # pydicom reads an unknown VR its own way (as implicit VR): it decides, so both agree
+            raise _Unsupported(f"unknown VR {vr!r}")
     if length == _UNDEFINED:
         return tag, start, 0, _skip_undefined(buf, start, little, depth + 1)
     end = start + length
@@ -197,12 +271,16 @@ def _scan(buf: bytes, little: bool, implicit: bool) -> InstanceHeader:
     found: dict[str, object] = {}
     pos = 0
     while pos < len(buf):
+        element_at = pos
         tag, start, length, pos = _next_element(buf, pos, little, implicit)
         if tag > _STOP_AFTER:
+            _check_complete(buf, pos, little, implicit)  # the rest is not decoded, only walked
             break
         wanted = _WANTED.get(tag)
         if wanted is None:
             continue
+        if buf[element_at + 4 : element_at + 6] != _WANTED_VR[tag]:
+            raise _Unsupported("a wanted element with another VR: pydicom reads it as that VR")
         raw = buf[start : start + length].rstrip(b"\x00 ").lstrip(b" ")
         name, kind = wanted
         if kind == "int":
@@ -239,10 +317,14 @@ def read_header(encoded: bytes, transfer_syntax_uid: str) -> InstanceHeader:
     """
     ts = UID(transfer_syntax_uid)
     if ts == DeflatedExplicitVRLittleEndian:
+        limit = max(INFLATE_FLOOR_BYTES, MAX_INFLATE_RATIO * len(encoded))
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
-            encoded = zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded)
+            encoded = inflater.decompress(encoded, limit)  # bounded: a deflate bomb costs no more
         except zlib.error as exc:
             raise HeaderError(f"deflated dataset does not inflate: {exc}") from None
+        if not inflater.eof:
+            raise HeaderError(f"deflated data set truncated or inflating beyond {limit} bytes")
     implicit = ts == ImplicitVRLittleEndian
     little = ts != ExplicitVRBigEndian
     try:
@@ -260,8 +342,10 @@ def read_header(encoded: bytes, transfer_syntax_uid: str) -> InstanceHeader:
             is_little_endian=little,
             stop_when=lambda tag, vr, length: tag > _STOP_AFTER,
         )
-        return header_from_dataset(ds)
+        header = header_from_dataset(ds)
     except RecursionError:
         raise HeaderError("cannot parse dataset header: sequences nested too deeply") from None
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise HeaderError(f"cannot parse dataset header: {type(exc).__name__}: {exc}") from None
+    _check_complete(encoded, 0, little, implicit)
+    return header

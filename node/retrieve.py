@@ -15,7 +15,8 @@ acknowledged.
     the instances, and its tracker completes their series as for any sender;
   * otherwise a temporary storage SCP that we run on [node] host/port for the
     duration of the C-MOVE, built like the node's (same AE, same accepted
-    contexts, same Ingest), then stopped.
+    contexts, same Ingest), then stopped. It listens in plain DICOM only, never
+    on the TLS port: a PACS that moves to us over TLS needs the running node.
   Which of the two is found by trying to bind [node] host/port, not guessed.
   Whatever the PACS moves is stored, as the node would store it (not only MR).
 """
@@ -44,6 +45,8 @@ from node.config import Destination, Settings
 from node.dimse_tuning import node_ae
 from node.errors import ConfigError, IngestError, PeerError, StoreStatus
 from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers, handle_store
+from node.tls import failure as tls_failure
+from node.tls import tls_args
 from storage.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -92,11 +95,14 @@ def _study_query(study_instance_uid: str) -> Dataset:
 
 
 def _associate(ae: AE, peer: Destination, **kwargs):  # noqa: ANN003, ANN202
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, **kwargs)
+    """An association to `peer`, over DICOM TLS when it has `tls` (node/tls.py); PeerError otherwise."""
+    tls = tls_args(peer)  # ConfigError when its key or certificate cannot be used
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls, **kwargs)
     if assoc.is_rejected:
         raise PeerError(f"{_where(peer)} rejected the association from {ae.ae_title}")
     if not assoc.is_established:
-        raise PeerError(f"{_where(peer)} not reachable")
+        failed = tls_failure(tls[0]) if tls else None
+        raise PeerError(f"{_where(peer)} not reachable" + (f": {failed[1]}" if failed else ""))
     return assoc
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -221,8 +222,8 @@ def _status(status: StoreStatus | int, comment: str) -> Dataset:
     return ds
 
 
-def handle_store(event: evt.Event, ingest: Ingest, active: ActiveAssociations) -> int | Dataset:
-    """EVT_C_STORE: never raises; every outcome is a DIMSE status."""
+def handle_store(event: evt.Event, ingest: Ingest, active: ActiveAssociations, observer=None) -> int | Dataset:  # noqa: ANN001
+    """EVT_C_STORE: never raises; every outcome is a DIMSE status. `observer`: node/metrics.py Observer."""
     request = event.request
     calling = event.assoc.requestor.ae_title
     try:
@@ -244,14 +245,20 @@ def handle_store(event: evt.Event, ingest: Ingest, active: ActiveAssociations) -
             exc,
             request.AffectedSOPInstanceUID if is_valid_uid(request.AffectedSOPInstanceUID) else "<invalid>",
         )
+        if observer is not None:
+            observer.instance_received(event, None, "refused")
         return _status(exc.status, str(exc))
     except Exception:  # a bug must not take the association down silently
         log.exception("unexpected error storing an instance from %s", calling)
+        if observer is not None:
+            observer.instance_received(event, None, "error")
         # Processing failure, not 0xA700: a sender retries "out of resources" forever.
         return _status(PROCESSING_FAILURE, "internal error processing the instance")
     if log.isEnabledFor(logging.DEBUG):
         with log_context(series=record.series_instance_uid):
             log.debug("stored %s (%s)", record.sop_instance_uid, outcome)
+    if observer is not None:
+        observer.instance_received(event, record, str(outcome))
     return StoreStatus.SUCCESS
 
 
@@ -325,11 +332,13 @@ def build_ae(settings: Settings) -> AE:
 
 class NodeAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded acceptor, plus: connections from outside `allowed_networks` are closed
-    before a byte of their association request is read (logged with the address), and optionally
-    SO_REUSEPORT, so several acceptor processes can share one port."""
+    before a byte of their association request is read (logged with the address), TLS handshakes
+    on each connection's own thread (with `ssl_context`), and optionally SO_REUSEPORT, so several
+    acceptor processes can share one port."""
 
     allowed_networks: tuple = ()
     reuse_port: bool = False
+    observer = None  # node/metrics.py Observer: counts and audits the refused connections
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -348,16 +357,63 @@ class NodeAssociationServer(ThreadedAssociationServer):
         if address is not None and any(address in network for network in self.allowed_networks):
             return True
         log.warning("connection from %s refused: address not in allowed_networks", client_address[0])
+        if self.observer is not None:
+            self.observer.connection_refused(client_address[0])
         return False
+
+    # TLS (node/tls.py): pynetdicom does the handshake in get_request, on the one thread that accepts
+    # every connection, so a client that connected and never handshakes would stall all the others.
+    # Here get_request only wraps the socket, and each connection's own thread does its handshake,
+    # bounded by this many seconds; a failure is logged with the address and the connection closed.
+    handshake_seconds: float = 10.0
+    # The per-connection thread only handshakes and starts the association's own thread: a client
+    # stalled in its handshake must not hold up the process's exit.
+    daemon_threads = True
+
+    def get_request(self):  # noqa: ANN201
+        client_socket, address = self.socket.accept()
+        if self.ssl_context:
+            try:
+                client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True,
+                                                             do_handshake_on_connect=False)
+            except OSError:
+                client_socket.close()
+                raise
+        return client_socket, address
+
+    def finish_request(self, request, client_address) -> None:  # noqa: ANN001
+        if isinstance(request, ssl.SSLSocket) and not self._tls_handshake(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().finish_request(request, client_address)
+
+    def _tls_handshake(self, sock: ssl.SSLSocket, client_address) -> bool:  # noqa: ANN001
+        from node.tls import describe
+
+        previous = sock.gettimeout()
+        try:
+            sock.settimeout(self.handshake_seconds)
+            sock.do_handshake()
+            sock.settimeout(previous)
+        except (OSError, ValueError) as exc:  # ssl.SSLError, timeouts and resets are OSErrors
+            log.warning("TLS connection from %s refused: %s", client_address[0],
+                        describe(exc, self.handshake_seconds))
+            return False
+        if log.isEnabledFor(logging.DEBUG):
+            peer = sock.getpeercert() or {}
+            subject = ", ".join("=".join(pair) for rdn in peer.get("subject", ()) for pair in rdn)
+            log.debug("TLS connection from %s: %s %s, client certificate: %s", client_address[0], sock.version(),
+                      (sock.cipher() or ("?",))[0], subject or "none")
+        return True
 
 
 def start_acceptor(ae: AE, address: tuple[str, int], evt_handlers: list, allowed_networks: Iterable[str] = (),
-                   ssl_context=None, reuse_port: bool = False) -> NodeAssociationServer:  # noqa: ANN001
+                   ssl_context=None, reuse_port: bool = False, observer=None) -> NodeAssociationServer:  # noqa: ANN001
     """Start a non-blocking acceptor on `address` (what `AE.start_server(block=False)` does, with
     NodeAssociationServer); stop it with its shutdown()."""
     networks = tuple(ipaddress.ip_network(n) for n in allowed_networks)
     server_class = type("ConfiguredAssociationServer", (NodeAssociationServer,),
-                        {"allowed_networks": networks, "reuse_port": reuse_port})
+                        {"allowed_networks": networks, "reuse_port": reuse_port, "observer": observer})
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers, server_class=server_class)
     thread = threading.Thread(target=server.serve_forever, name=f"acceptor-{address[1]}", daemon=True)
     thread.start()
@@ -377,13 +433,19 @@ def event_handlers(
     ingest: Ingest,
     active: ActiveAssociations,
     on_association_end: Callable[[Iterable[str]], None],
+    observer=None,  # noqa: ANN001 - node/metrics.py Observer: counters and the audit trail
 ) -> list:
     allowed = frozenset(settings.node.allowed_calling_aets)
-    return [
+    observed = [] if observer is None else [
+        (evt.EVT_ACCEPTED, observer.association_accepted),
+        (evt.EVT_REJECTED, observer.association_rejected),
+        *((event, observer.association_ended) for event in (evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_CONN_CLOSE)),
+    ]
+    return observed + [
         (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_REQUESTED, handle_requested, [settings.node.ae_title, allowed]),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [ingest, active]),
+        (evt.EVT_C_STORE, handle_store, [ingest, active, observer]),
         (evt.EVT_RELEASED, handle_assoc_end, [active, on_association_end]),
         (evt.EVT_ABORTED, handle_assoc_end, [active, on_association_end]),
         (evt.EVT_CONN_CLOSE, handle_assoc_end, [active, on_association_end]),

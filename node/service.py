@@ -30,8 +30,10 @@ from node.dimse_tuning import disable_pydicom_validation, shorten_acceptor_react
 from node.dispatch import Dispatcher
 from node.errors import ConfigError, NodeError
 from node.export import Exporter
+from node.metrics import NodeMetrics, Observer
 from node.recovery import SHARED_GRACE_SECONDS, recover
 from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers, start_acceptor
+from node.tls import server_context
 from node.tracker import SeriesTracker
 from node.worker import worker_main
 from storage.db import make_engine
@@ -45,7 +47,7 @@ TICK_SECONDS = 1.0
 # Selection and export also run at once when woken (a series completed, a result is ready); the
 # tick is what catches the rest (retries, replays from the command line).
 FAST_TICK_SECONDS = 0.25
-ROLES = ("all", "ingest", "worker", "export")
+ROLES = ("all", "ingest", "worker", "export", "acceptor")  # "acceptor": node/acceptor.py, internal
 # Retention (storage/retention.py) runs this often, one small batch of series each time.
 RETENTION_SECONDS = 600.0
 # How long `stop` waits for a worker to finish its current job before killing it.
@@ -155,6 +157,9 @@ class NodeService:
         # Worker processes rebuild the same settings from the same sources.
         self._config_source = (config_path, overrides or {})
         self._workers: list[multiprocessing.process.BaseProcess] = []
+        self._acceptors: list[multiprocessing.process.BaseProcess] = []
+        self._acceptors_stop = threading.Event()
+        self._acceptor_supervisor: threading.Thread | None = None
         self._worker_started: list[float] = []
         self._quick_deaths: list[int] = []
         self._restart_at: dict[int, float] = {}  # worker index -> when its replacement starts
@@ -172,6 +177,12 @@ class NodeService:
         self.queue = JobQueue(self.engine, lease_seconds=settings.worker.lease_seconds)
         self.dispatcher = Dispatcher(self.queue, self.spool)
         self.exporter = Exporter(self.queue, settings.destinations, settings.node.ae_title, settings.export)
+        # What the administrator sees (node/metrics.py): counters, the database's gauges, /healthz, and the
+        # audit trail the SCP and the exporter write through the observer.
+        self.metrics = NodeMetrics(self.engine, settings, role, workers=(
+            (lambda: (len(self.worker_pids()), settings.worker.processes)) if self.runs("worker") else None))
+        self.observer = self.exporter.observer = Observer(self.engine, settings.node.ae_title, self.metrics)
+        self._metrics_server = None
         # Released by serve once per queued job (a waiting worker takes it at once), and by a worker
         # for each result to export; semaphores survive a worker killed while waiting on them.
         self._work_ready = self._results_ready = None
@@ -183,7 +194,9 @@ class NodeService:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.ae = build_ae(settings)
         self._server = None
-        self.port: int | None = None
+        self._tls_server = None
+        self.port: int | None = None  # the plain DICOM port; None when [node.tls] plain = false
+        self.tls_port: int | None = None  # the TLS port, when [node.tls] enabled
 
     def start(self) -> None:
         """Start everything, or nothing: a failure stops what had started and raises.
@@ -198,50 +211,88 @@ class NodeService:
             raise
 
     def runs(self, part: str) -> bool:
-        """Whether this process runs `part` (ingest, worker or export) of the node."""
+        """Whether this process runs `part` (ingest, worker or export) of the node.
+
+        An extra acceptor (node/acceptor.py) runs only the SCP and series completion of ingest.
+        """
+        if self.role == "acceptor":
+            return part == "ingest"
         return self.role in ("all", part)
+
+    @property
+    def _main_process(self) -> bool:
+        return self.role != "acceptor"
 
     def _start(self) -> None:
         if self.runs("worker") and self.settings.worker.processes:
             check_model(self.settings)
         shared = self.engine.dialect.name != "sqlite"  # other nodes may be writing now
-        if self.runs("ingest"):
+        if self.runs("ingest") and self._main_process:
             recover(self.spool, self.store, grace_seconds=SHARED_GRACE_SECONDS if shared else 0.0)
+        if self.runs("export"):
+            released = self.queue.release_interrupted_deliveries()
+            if released:
+                log.warning("%d delivery(ies) interrupted by a previous stop are due again", released)
         if self.runs("worker"):
             requeued = self.queue.requeue_interrupted()
             if requeued:
                 log.warning("%d job(s) interrupted by a previous stop were queued again", requeued)
         node = self.settings.node
         if self.runs("ingest"):
-            handlers = event_handlers(self.settings, self.ingest, self.active, self._association_ended)
-            try:
-                self._server = start_acceptor(self.ae, (node.host, node.port), handlers, node.allowed_networks)
-            except OSError as exc:
-                raise NodeError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from None
-            self.port = self._server.server_address[1]
+            handlers = event_handlers(self.settings, self.ingest, self.active, self._association_ended, self.observer)
+            # TLS stays with the main process; extra acceptors share only the plain port.
+            tls_context = server_context(node.tls) if node.tls.enabled and self._main_process else None  # ConfigError before binding
+            if tls_context is None or node.tls.plain:
+                try:
+                    self._server = start_acceptor(self.ae, (node.host, node.port), handlers, node.allowed_networks,
+                                                  observer=self.observer, reuse_port=node.acceptors > 1)
+                except OSError as exc:
+                    raise NodeError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from None
+                self.port = self._server.server_address[1]
+            if tls_context is not None:
+                try:
+                    self._tls_server = start_acceptor(self.ae, (node.host, node.tls.port), handlers,
+                                                      node.allowed_networks, ssl_context=tls_context,
+                                                      observer=self.observer)
+                except OSError as exc:
+                    raise NodeError(f"[node.tls] cannot listen on {node.host}:{node.tls.port}: "
+                                    f"{exc.strerror or exc}") from None
+                self.tls_port = self._tls_server.server_address[1]
             self.scheduler.add_job(
                 self._guarded, "interval", args=["series-completion", self._complete], seconds=TICK_SECONDS,
                 id="series-completion", max_instances=1, coalesce=True,
             )
-            self.scheduler.add_job(
-                self._guarded, "interval", args=["retention", self._purge], seconds=RETENTION_SECONDS,
-                id="retention", max_instances=1, coalesce=True,
-            )
+            if self._main_process:
+                self.scheduler.add_job(
+                    self._guarded, "interval", args=["retention", self._purge], seconds=RETENTION_SECONDS,
+                    id="retention", max_instances=1, coalesce=True,
+                )
+        metrics = self.settings.metrics
+        if metrics.port and self._main_process:  # before any worker is spawned, like the DICOM port
+            try:
+                self._metrics_server = self.metrics.serve(metrics.host, metrics.port)
+            except OSError as exc:
+                raise NodeError(f"[metrics] cannot listen on {metrics.host}:{metrics.port}: "
+                                f"{exc.strerror or exc}") from None
         lease = self.settings.worker.lease_seconds
         self.scheduler.add_job(
             self._guarded, "interval", args=["job-leases", self._expire_leases], seconds=lease / 4,
             id="job-leases", max_instances=1, coalesce=True,
         )
         self.scheduler.start()
-        if self.runs("ingest"):
+        if self.runs("ingest") and self._main_process:
             self.selection.start()
         if self.runs("export"):
             self.export.start()
         if self.runs("worker"):
             self._start_workers()
+        if self.runs("ingest") and self._main_process and node.acceptors > 1:
+            self._start_acceptors(node.acceptors - 1)
         if self.runs("ingest"):
-            log.info("migraine-node (role %s) listening on %s:%d as %s (data_dir=%s, database %s)", self.role,
-                     node.host, self.port, node.ae_title, self.settings.storage.data_dir, self.engine.dialect.name)
+            ports = ", ".join([*([f"{self.port}"] if self.port else []),
+                               *([f"{self.tls_port} (TLS)"] if self.tls_port else [])])
+            log.info("migraine-node (role %s) listening on %s port %s as %s (data_dir=%s, database %s)", self.role,
+                     node.host, ports, node.ae_title, self.settings.storage.data_dir, self.engine.dialect.name)
         else:
             log.info("migraine-node (role %s) running (data_dir=%s, database %s)", self.role,
                      self.settings.storage.data_dir, self.engine.dialect.name)
@@ -341,6 +392,51 @@ class NodeService:
                 self._worker_started[index] = time.monotonic()
                 log.info("worker %d restarted: pid %d", index, self._workers[index].pid)
 
+    def _start_acceptors(self, count: int) -> None:
+        """Extra acceptor processes on the plain port (node/acceptor.py), spawned and restarted by one
+        long-lived thread (a child's PR_SET_PDEATHSIG fires when the thread that spawned it ends)."""
+        if self._server is None:
+            log.warning("[node] acceptors = %d ignored: the plain port is closed ([node.tls] plain = false)",
+                        count + 1)
+            return
+        self._acceptors_stop.clear()
+        self._acceptor_supervisor = threading.Thread(target=self._supervise_acceptors, args=(count,),
+                                                     name="acceptor-supervisor", daemon=True)
+        self._acceptor_supervisor.start()
+
+    def _supervise_acceptors(self, count: int) -> None:
+        from node.acceptor import acceptor_main
+
+        spawn = multiprocessing.get_context("spawn")
+
+        def start(index: int) -> multiprocessing.process.BaseProcess:
+            process = spawn.Process(target=acceptor_main, args=self._config_source,
+                                    name=f"migraine-node-acceptor-{index}", daemon=True)
+            process.start()
+            return process
+
+        self._acceptors = [start(i) for i in range(count)]
+        log.info("started %d extra acceptor process(es) on port %d: pid %s", count, self.port,
+                 ", ".join(str(p.pid) for p in self._acceptors))
+        while not self._acceptors_stop.wait(SUPERVISE_SECONDS):
+            for index, process in enumerate(self._acceptors):
+                if not process.is_alive() and not self._acceptors_stop.is_set():
+                    process.join(0)
+                    log.error("acceptor process %d died (%s); restarting it", process.pid,
+                              _describe_exit(process.exitcode))
+                    self._acceptors[index] = start(index)
+        for process in self._acceptors:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: it stops accepting, lets its associations end, exits
+        for process in self._acceptors:
+            process.join(WORKER_STOP_SECONDS)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    def acceptor_pids(self) -> list[int]:
+        return [p.pid for p in self._acceptors if p.is_alive()]
+
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._workers if p.is_alive()]
 
@@ -364,10 +460,24 @@ class NodeService:
         self._quick_deaths.clear()
         self._restart_at.clear()
 
+    def _stop_acceptors(self) -> None:
+        self._acceptors_stop.set()
+        if self._acceptor_supervisor is not None:
+            self._acceptor_supervisor.join()
+            self._acceptor_supervisor = None
+        self._acceptors.clear()
+
     def stop(self) -> None:
+        self._stop_acceptors()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.selection.stop()

@@ -465,6 +465,27 @@ class JobQueue:
             for r in rows
         ]
 
+    def release_interrupted_deliveries(self, now: float | None = None) -> int:
+        """At start-up: deliveries this machine's exporters were sending when they died are due now,
+        not when their lease would have run out. Another machine's, or a live process's, stay leased."""
+        now = _now(now)
+        host = socket.gethostname()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(Delivery.id, Delivery.lease_owner)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.lease_owner.is_not(None))
+                .with_for_update(skip_locked=True)
+            ).all()
+            released = []
+            for row in rows:
+                owner_host, _, pid = row.lease_owner.rpartition(":")
+                if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+                    released.append(row.id)
+            if released:
+                conn.execute(update(Delivery).where(Delivery.id.in_(released)).values(
+                    next_attempt_at=now, lease_owner=None, updated_at=now))
+        return len(released)
+
     @staticmethod
     def _legacy_sr(row) -> tuple[ResultFile, ...]:  # noqa: ANN001
         """A job recorded before result_object existed: its SR is all it has."""

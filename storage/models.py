@@ -183,3 +183,23 @@ class Transmission(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     status: Mapped[int] = mapped_column(Integer)  # the destination's C-STORE status (or HTTP status)
     sent_at: Mapped[float] = mapped_column(Float)
+
+
+class AuditEvent(Base):
+    """The audit trail (storage/audit.py, `migraine-node audit`): associations, studies received,
+    objects sent, replays and resends, and who did them. Identifiers only, never patient data."""
+
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_kind_at", "kind", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # storage/audit.py KINDS
+    # Calling AE title (associations), our AE title (objects sent), "user@host" (commands).
+    actor: Mapped[str | None] = mapped_column(String(128))
+    address: Mapped[str | None] = mapped_column(String(64))  # the peer's IP address (or host:port)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    destination: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)  # JSON object: reasons, counts, UIDs

@@ -13,6 +13,7 @@ processes starting at once against an empty database create it once.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
 from storage.models import Base
+
+# Alembic says "Context impl SQLiteImpl" at INFO each time a process opens the database: noise in
+# the node's log. `db upgrade` prints what it did itself.
+logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 UNVERSIONED_REVISION = "0001"

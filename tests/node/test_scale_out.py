@@ -173,15 +173,19 @@ def test_two_ingest_nodes_three_workers_two_exporters_on_postgresql(postgres_ser
         for name, log in logs.items():
             assert "Traceback" not in log.read_text(), f"{name}:\n{log.read_text()[-3000:]}"
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in procs.items():
-            try:
-                assert proc.wait(60) == 0, f"{name} exited with {proc.returncode}"
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
-        pacs.terminate()
-        pacs.wait(10)
+        try:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            codes = {}
+            for name, proc in procs.items():
+                try:
+                    codes[name] = proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    codes[name] = proc.wait()
+        finally:
+            pacs.terminate()
+            pacs.wait(10)
+    assert set(codes.values()) == {0}, codes
     wait_until(lambda: not processes_marked(marker), timeout=30, what="every process of the five nodes to end")
