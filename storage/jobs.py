@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Engine, and_, func, insert, select, text, update
 
@@ -86,6 +87,15 @@ def claimed_by(owner: str) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Running: a zombie (killed, not yet reaped by whoever inherited it) has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        stat = ""
+    if stat:
+        return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -93,6 +103,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _gone_from_this_host(owner: str | None, host: str) -> bool:
+    """Whether the lease owner "host:pid" is a process of this host that has ended."""
+    if owner is None:
+        return False
+    owner_host, _, pid = owner.rpartition(":")
+    return owner_host == host and pid.isdigit() and not _pid_alive(int(pid))
 
 
 DEFAULT_LEASE_SECONDS = 60.0
@@ -348,10 +366,8 @@ class JobQueue:
             ).all()
             count = 0
             for row in rows:
-                if row.lease_owner is not None:
-                    owner_host, _, pid = row.lease_owner.rpartition(":")
-                    if owner_host != host or not pid.isdigit() or _pid_alive(int(pid)):
-                        continue
+                if row.lease_owner is not None and not _gone_from_this_host(row.lease_owner, host):
+                    continue
                 count += 1
                 if row.version < row.current:
                     self._supersede(conn, row.id, now,
@@ -427,12 +443,7 @@ class JobQueue:
                 .order_by(Delivery.next_attempt_at)
                 .limit(limit)
             ).all()
-            objects = self._objects(conn, [r.job_id for r in rows])
-        return [
-            DueDelivery(r.id, r.job_id, r.destination, r.attempts,
-                        objects.get(r.job_id) or self._legacy_sr(r), r.series_instance_uid)
-            for r in rows
-        ]
+            return self._due(conn, rows)
 
     def claim_deliveries(self, now: float | None = None, limit: int = 100,
                          lease_seconds: float = 120.0) -> list[DueDelivery]:
@@ -458,12 +469,7 @@ class JobQueue:
                        Job.sr_sop_instance_uid, Job.series_instance_uid)
                 .join(Job, Job.id == Delivery.job_id).where(Delivery.id.in_(ids)).order_by(Delivery.id)
             ).all()
-            objects = self._objects(conn, [r.job_id for r in rows])
-        return [
-            DueDelivery(r.id, r.job_id, r.destination, r.attempts,
-                        objects.get(r.job_id) or self._legacy_sr(r), r.series_instance_uid)
-            for r in rows
-        ]
+            return self._due(conn, rows)
 
     def release_interrupted_deliveries(self, now: float | None = None) -> int:
         """At start-up: deliveries this machine's exporters were sending when they died are due now,
@@ -476,15 +482,16 @@ class JobQueue:
                 .where(Delivery.state == DeliveryState.PENDING, Delivery.lease_owner.is_not(None))
                 .with_for_update(skip_locked=True)
             ).all()
-            released = []
-            for row in rows:
-                owner_host, _, pid = row.lease_owner.rpartition(":")
-                if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
-                    released.append(row.id)
+            released = [row.id for row in rows if _gone_from_this_host(row.lease_owner, host)]
             if released:
                 conn.execute(update(Delivery).where(Delivery.id.in_(released)).values(
                     next_attempt_at=now, lease_owner=None, updated_at=now))
         return len(released)
+
+    def _due(self, conn, rows) -> list[DueDelivery]:  # noqa: ANN001
+        objects = self._objects(conn, [r.job_id for r in rows])
+        return [DueDelivery(r.id, r.job_id, r.destination, r.attempts,
+                            objects.get(r.job_id) or self._legacy_sr(r), r.series_instance_uid) for r in rows]
 
     @staticmethod
     def _legacy_sr(row) -> tuple[ResultFile, ...]:  # noqa: ANN001

@@ -123,7 +123,7 @@ def test_pacs_routes_study_to_node(node_factory, orthanc_factory, study, tiny_ch
     root, t1, _ = study
     node_port = free_port()
     pacs = orthanc_factory({"node": (NODE_AE, node_port)}).start()
-    node = node_factory(port=node_port, workers=1, checkpoint=tiny_checkpoint, idle_seconds=2,
+    node = node_factory(port=node_port, workers=1, checkpoint=tiny_checkpoint, runtime="torch", idle_seconds=2,
                         destinations=[{"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port}]).start()
     send_study(root, pacs.dicom_port, called=pacs.aet)
     found = wait_until(
@@ -140,7 +140,7 @@ def test_pacs_routes_study_to_node(node_factory, orthanc_factory, study, tiny_ch
 def test_pacs_down_then_up_sr_delivered_once(node_factory, orthanc_factory, study, tiny_checkpoint, tmp_path):
     root, t1, _ = study
     pacs = orthanc_factory()  # created (ports chosen) but not started: the PACS is down
-    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=2, export_retry_seconds=1,
+    node = node_factory(workers=1, checkpoint=tiny_checkpoint, runtime="torch", idle_seconds=2, export_retry_seconds=1,
                         destinations=[{"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port}]).start()
     send_study(root, node.port)
 
@@ -167,7 +167,7 @@ def test_replay_from_pacs_retrieves_by_c_get(node_factory, orthanc_factory, stud
     root, t1, t2 = study
     pacs = orthanc_factory().start()
     send_study(root, pacs.dicom_port, called=pacs.aet)
-    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=2,
+    node = node_factory(workers=1, checkpoint=tiny_checkpoint, runtime="torch", idle_seconds=2,
                         destinations=[{"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port}]).start()
     cli = node.cli("replay", "--from-pacs", "pacs", t1.study_instance_uid)
     assert cli.returncode == 0, cli.stderr + node.log_text()[-2000:]
@@ -191,7 +191,7 @@ def test_reopened_series_replaces_its_result_in_pacs_and_resend_replay_add_nothi
         del ds.ImagesInAcquisition
         ds.save_as(path, enforce_file_format=True)
     pacs = orthanc_factory().start()
-    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=2, destinations=[
+    node = node_factory(workers=1, checkpoint=tiny_checkpoint, runtime="torch", idle_seconds=2, destinations=[
         {"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port, "objects": ["sr", "image"]}]).start()
     study = t1.study_instance_uid
 

@@ -104,7 +104,7 @@ def test_sigkill_then_restart_loses_nothing_and_delivers_once(phase, node_factor
     folder, series = t1_small
     uid = series.series_instance_uid
     marker = f"faults-{phase}-{uuid.uuid4()}"
-    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=1,
+    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=1, runtime="torch",
                         destinations=[{"name": "pacs", "ae_title": PACS_AE, "port": pacs.port}])
     _start_marked(node, marker)
     acknowledged: set[str] = set()
@@ -155,7 +155,7 @@ def test_sigkill_then_restart_loses_nothing_and_delivers_once(phase, node_factor
 def test_a_pacs_down_for_a_while_gets_the_sr_once_with_the_backoff_shown(node_factory, tiny_checkpoint, t1_small):
     folder, series = t1_small
     port = free_port()  # nothing listens there yet: connection refused
-    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=1, export_retry_seconds=1,
+    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=1, export_retry_seconds=1, runtime="torch",
                         destinations=[{"name": "pacs", "ae_title": PACS_AE, "port": port}]).start()
     assert storescu(folder, node.port).returncode == 0
     uid = series.series_instance_uid
@@ -248,12 +248,11 @@ def test_a_database_locked_by_another_process_delays_success_until_the_row_is_co
         sender.start()
         sender.join(3)  # while another process holds the database, no instance may be acknowledged
         assert responses == [] and sender.is_alive()
-        holder.stdin.write("\n")
-        holder.stdin.flush()
+        holder.communicate("\n", timeout=60)  # the other process rolls back and ends
         sender.join(60)
         assert responses == [StoreStatus.SUCCESS] * 5
         assert svc.store.count_instances() == 5
     finally:
         if holder.poll() is None:
             holder.kill()
-        holder.wait()
+            holder.communicate()

@@ -97,7 +97,7 @@ def _start_marked(node: NodeProcess, marker: str) -> NodeProcess:
 # ---- 1. workers end with serve; serve restarts dead workers ---------------------
 def test_sigkill_of_serve_ends_its_worker(node_factory, tiny_checkpoint, small_series):
     marker = f"supervision-{uuid.uuid4()}"
-    node = _start_marked(node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=1), marker)
+    node = _start_marked(node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=1, runtime="torch"), marker)
     serve = node.proc.pid
     worker = wait_until(lambda: worker_children(serve), timeout=30, what="the worker process")[0]
     folder, series = small_series
@@ -121,7 +121,7 @@ def test_sigkill_of_serve_ends_its_worker(node_factory, tiny_checkpoint, small_s
 
 def test_dead_worker_is_restarted_and_its_job_counts_an_attempt(node_factory, tiny_checkpoint, t1_series):
     marker = f"supervision-{uuid.uuid4()}"
-    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=1)
+    node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=1, runtime="torch")
     node.config.write_text(node.config.read_text().replace("[worker]\n", "[worker]\nmax_attempts = 2\n"))
     _start_marked(node, marker)
     serve = node.proc.pid
