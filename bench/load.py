@@ -123,7 +123,7 @@ def checkpoint(work: Path) -> Path:
 
 
 def run_node(work: Path, per_sender: list[list[Path]], acceptors: int, ckpt: Path, label: str,
-             wait_for_results: bool) -> tuple[float, dict, dict]:
+             wait_for_results: bool, workers: int = 1) -> tuple[float, dict, dict]:
     data = work / f"node-{label}"
     pacs_dir = work / f"pacs-{label}"
     pacs_dir.mkdir()
@@ -135,7 +135,7 @@ def run_node(work: Path, per_sender: list[list[Path]], acceptors: int, ckpt: Pat
         f'[node]\nae_title = "MIGNODE"\nhost = "127.0.0.1"\nport = {port}\nlog_level = "WARNING"\n'
         f"acceptors = {acceptors}\nmax_associations = 50\n"
         f'[storage]\ndata_dir = "{data}"\nmin_free_disk_mb = 64\n'
-        "[series]\nidle_seconds = 5\n[worker]\nprocesses = 1\n"
+        f"[series]\nidle_seconds = 5\n[worker]\nprocesses = {workers}\n"
         f'[model]\ncheckpoint = "{ckpt}"\ndevice = "cpu"\nruntime = "torch"\n'
         f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
     )
@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=128, help="rows = columns of every slice")
     parser.add_argument("--acceptors", type=int, default=4, help="[node] acceptors for the load run")
     parser.add_argument("--skip-scaling", action="store_true", help="skip the one-vs-four-senders measurement")
+    parser.add_argument("--only-scaling", action="store_true", help="only the one-vs-four-senders measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(tmp)
@@ -226,24 +227,32 @@ def main() -> None:
               f"{args.rows}x{args.rows} = {total} instances (made in {time.perf_counter() - started:.0f} s)",
               flush=True)
         ckpt = checkpoint(work)
-        ours, rss, checks = run_node(work, per_sender, args.acceptors, ckpt, "load", wait_for_results=True)
-        print(f"migraine-node ({args.acceptors} acceptors, 1 worker) aggregate images/s={ours:.0f}", flush=True)
-        for name, mb in sorted(rss.items()):
-            print(f"migraine-node peak RSS {name}: {mb:.0f} MB")
-        print(f"migraine-node peak RSS total: {sum(rss.values()):.0f} MB")
-        print("checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()), flush=True)
+        if args.only_scaling:
+            args.skip_scaling = False
+        ours, rss, checks = (0.0, {}, {}) if args.only_scaling else run_node(work, per_sender, args.acceptors, ckpt, "load", wait_for_results=True)
+        if not args.only_scaling:
+            print(f"migraine-node ({args.acceptors} acceptors, 1 worker) aggregate images/s={ours:.0f}", flush=True)
+            for name, mb in sorted(rss.items()):
+                print(f"migraine-node peak RSS {name}: {mb:.0f} MB")
+            print(f"migraine-node peak RSS total: {sum(rss.values()):.0f} MB")
+            print("checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()), flush=True)
         dcmtk = run_storescp(work, per_sender)
         print(f"dcmtk-storescp aggregate images/s={dcmtk:.0f}", flush=True)
-        orthanc = run_orthanc(work, per_sender)
-        print(f"orthanc aggregate images/s={orthanc:.0f}", flush=True)
+        if not args.only_scaling:
+            orthanc = run_orthanc(work, per_sender)
+            print(f"orthanc aggregate images/s={orthanc:.0f}", flush=True)
         if not args.skip_scaling:
-            one = run_node(work, per_sender[:1], args.acceptors, ckpt, "one", wait_for_results=False)[0]
-            four = run_node(work, per_sender[:4], args.acceptors, ckpt, "four", wait_for_results=False)[0]
+            # Ingest alone (no worker competing for the cores): what the acceptors scale.
+            one = run_node(work, per_sender[:1], args.acceptors, ckpt, "one", wait_for_results=False, workers=0)[0]
+            four = run_node(work, per_sender[:4], args.acceptors, ckpt, "four", wait_for_results=False, workers=0)[0]
+            four_single = run_node(work, per_sender[:4], 1, ckpt, "four-single", wait_for_results=False, workers=0)[0]
             orthanc_four = run_orthanc(work / "o4", per_sender[:4]) if len(per_sender) >= 4 else float("nan")
-            print(f"scaling: migraine-node 1 sender images/s={one:.0f}, 4 senders aggregate images/s={four:.0f} "
-                  f"({four / one:.2f}x; target >= 1.8x), orthanc 4 senders images/s={orthanc_four:.0f} "
+            print(f"scaling (ingest only, {args.acceptors} acceptors): migraine-node 1 sender images/s={one:.0f}, "
+                  f"4 senders aggregate images/s={four:.0f} ({four / one:.2f}x; target >= 1.8x; with 1 acceptor "
+                  f"{four_single:.0f}), orthanc 4 senders images/s={orthanc_four:.0f} "
                   f"(ours/orthanc {four / orthanc_four:.2f}; target >= 1.0)", flush=True)
-        print(f"ratio={ours / dcmtk:.2f}")
+        if not args.only_scaling:
+            print(f"ratio={ours / dcmtk:.2f}")
 
 
 if __name__ == "__main__":
