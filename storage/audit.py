@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, insert, select
 
 from storage.models import AuditEvent, Series
+from storage.store import iso
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +164,6 @@ def parse_since(text: str, now: float | None = None) -> float:
     return when.timestamp()
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def events(engine: Engine, since: float | None = None, kinds: Iterable[str] = (), limit: int | None = None) -> list[dict]:
     """Audit events, oldest first, as JSON-ready dicts (`at` in ISO 8601 UTC, `detail` decoded).
     With `limit`, the newest `limit` of them."""
@@ -190,7 +187,7 @@ def events(engine: Engine, since: float | None = None, kinds: Iterable[str] = ()
             detail = None if row.detail is None else json.loads(row.detail)
         except ValueError:
             detail = row.detail
-        out.append({"id": row.id, "at": _iso(row.at), "kind": row.kind, "actor": row.actor, "address": row.address,
+        out.append({"id": row.id, "at": iso(row.at), "kind": row.kind, "actor": row.actor, "address": row.address,
                     "study_instance_uid": row.study_instance_uid, "series_instance_uid": row.series_instance_uid,
                     "sop_instance_uid": row.sop_instance_uid, "destination": row.destination, "detail": detail})
     return out

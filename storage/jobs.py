@@ -116,6 +116,12 @@ def _gone_from_this_host(owner: str | None, host: str) -> bool:
 DEFAULT_LEASE_SECONDS = 60.0
 
 
+def _due_conditions(now: float) -> tuple:
+    """A delivery is due: pending, its next attempt reached, its job not superseded (joined with Job)."""
+    return (Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now,
+            Job.state != SeriesState.SUPERSEDED)
+
+
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
@@ -438,8 +444,7 @@ class JobQueue:
                 select(Delivery.id, Delivery.job_id, Delivery.destination, Delivery.attempts, Job.sr_path,
                        Job.sr_sop_instance_uid, Job.series_instance_uid)
                 .join(Job, Job.id == Delivery.job_id)
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now,
-                       Job.state != SeriesState.SUPERSEDED)
+                .where(*_due_conditions(now))
                 .order_by(Delivery.next_attempt_at)
                 .limit(limit)
             ).all()
@@ -455,8 +460,7 @@ class JobQueue:
         with self.engine.begin() as conn:
             ids = list(conn.execute(
                 select(Delivery.id).join(Job, Job.id == Delivery.job_id)
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now,
-                       Job.state != SeriesState.SUPERSEDED)
+                .where(*_due_conditions(now))
                 .order_by(Delivery.next_attempt_at).limit(limit)
                 .with_for_update(skip_locked=True, of=Delivery)
             ).scalars())
