@@ -44,7 +44,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.config import Destination, Settings
 from node.dimse_tuning import node_ae
 from node.errors import ConfigError, IngestError, PeerError, StoreStatus
-from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers, handle_store
+from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers, handle_store, start_acceptor
 from node.tls import failure as tls_failure
 from node.tls import tls_args
 from storage.uids import is_valid_uid
@@ -148,8 +148,8 @@ def _retrieve_by_get(peer: Destination, study_instance_uid: str, ingest: Ingest,
 class _TemporaryScp:
     """The node's storage SCP, for the duration of one C-MOVE, when the node is not running.
 
-    Built by build_ae/event_handlers as `serve` builds it, so the PACS meets the same AE
-    title, contexts and calling-AE rules, and every instance the same Ingest.
+    Built by build_ae/event_handlers/start_acceptor as `serve` builds it, so the PACS meets the same AE
+    title, contexts, calling-AE rules and allowed networks, and every instance the same Ingest.
     """
 
     def __init__(self, settings: Settings, ingest: Ingest) -> None:
@@ -163,8 +163,9 @@ class _TemporaryScp:
                     if h[0] is not evt.EVT_C_STORE]
         handlers.append((evt.EVT_C_STORE, self._store, [ingest]))
         handlers.append((evt.EVT_CONN_OPEN, self._connected))  # did the PACS reach us at all?
-        self.server = self.ae.start_server((settings.node.host, settings.node.port), block=False,
-                                           evt_handlers=handlers)
+        # The node's acceptor, so [node] allowed_networks holds on this port too.
+        self.server = start_acceptor(self.ae, (settings.node.host, settings.node.port), handlers,
+                                     settings.node.allowed_networks)
 
     def _connected(self, event: evt.Event) -> None:
         with self._lock:
