@@ -15,6 +15,8 @@ from the spool at start-up (node/recovery.py).
 from __future__ import annotations
 
 import contextlib
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,21 @@ BUSY_TIMEOUT_MS = 30_000
 
 BEGIN_MODE_OPTION = "sqlite_begin_mode"
 """Connection execution option naming how the next transaction begins (DEFERRED or IMMEDIATE)."""
+
+
+def _set_wal(cur) -> None:  # noqa: ANN001
+    """PRAGMA journal_mode=WAL, retried while another connection holds the lock: switching a new
+    database to WAL answers "database is locked" at once, without the busy timeout, when several
+    processes open it at the same moment."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def sqlite_url(path: Path) -> str:
@@ -53,7 +70,7 @@ def make_engine(url: str, check_schema: bool = True) -> Engine:
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record) -> None:  # noqa: ANN001
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _set_wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA foreign_keys=ON")
