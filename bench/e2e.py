@@ -85,7 +85,7 @@ def main() -> None:
                     assert result.returncode == 0, result.stderr
                     wait_until(lambda: pacs.find_instances({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.33",
                                                             "StudyInstanceUID": series.study_instance_uid}),
-                               timeout=900, interval=0.05, what="SR in Orthanc")
+                               timeout=900, interval=0.01, what="SR in Orthanc")
                     stored = time.time()
                     row = json.loads(node.cli("show", series.series_instance_uid, "--json").stdout)
                 finally:

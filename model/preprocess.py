@@ -282,7 +282,7 @@ def foreground_zscore(x: torch.Tensor, fraction: float = FOREGROUND_FRACTION) ->
     if foreground.size < 2:
         return torch.zeros_like(x)
     mean, std = float(foreground.mean()), float(foreground.std(ddof=1))
-    return (x - mean) / max(std, 1e-6)
+    return torch.sub(x, mean).div_(max(std, 1e-6))  # one new tensor, not two
 
 
 def _zscore_nonzero(x: torch.Tensor) -> torch.Tensor:
