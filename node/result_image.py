@@ -149,6 +149,23 @@ def _fonts(size: int) -> tuple[FontProperties, FontProperties, FontProperties]:
     return bold, prominent, FontProperties(fname=FONT_FILE, size=size)
 
 
+_TEXT_WIDTHS: dict[tuple[str, str, float], float] = {}
+_TEXT_WIDTHS_MAX = 4096
+
+
+def _text_width(text: str, font: FontProperties, renderer) -> float:  # noqa: ANN001
+    """Rendered width in px at 72 dpi, remembered: most lines of a report (the disclaimers, the model)
+    are the same in every report, and measuring them was half of the text panel's ~45 ms."""
+    key = (text, font.get_file(), font.get_size_in_points())
+    width = _TEXT_WIDTHS.get(key)
+    if width is None:
+        width = renderer.get_text_width_height_descent(text, font, ismath=False)[0]
+        if len(_TEXT_WIDTHS) >= _TEXT_WIDTHS_MAX:
+            _TEXT_WIDTHS.clear()
+        _TEXT_WIDTHS[key] = width
+    return width
+
+
 def _wrap(lines: list[str], width: float, fonts: list[FontProperties], renderer) -> list[list[str]]:  # noqa: ANN001
     """Greedy word wrap by the rendered width, only where a line does not fit; one list per line.
 
@@ -158,7 +175,7 @@ def _wrap(lines: list[str], width: float, fonts: list[FontProperties], renderer)
     wrapped = []
     for line, font in zip(lines, fonts):
         def fits(text: str, font: FontProperties = font) -> bool:
-            return renderer.get_text_width_height_descent(text, font, ismath=False)[0] <= width
+            return _text_width(text, font, renderer) <= width
 
         def pieces(word: str) -> list[str]:
             out = []
