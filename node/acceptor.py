@@ -19,8 +19,10 @@ from node.logs import setup_logging
 from node.signals import stop_on_signals
 
 
-def acceptor_main(config_path: str | None, overrides: dict) -> None:
-    """Entry point of an acceptor process (multiprocessing, spawn)."""
+def acceptor_main(config_path: str | None, overrides: dict, counts=None) -> None:  # noqa: ANN001
+    """Entry point of an acceptor process (multiprocessing, spawn). `counts`: serve's shared-memory
+    array for this acceptor's counters (node/metrics.py SharedCounts), shown in serve's /metrics."""
+    from node.metrics import SharedCounts
     from node.service import NodeService
     from node.worker import _die_with_parent
 
@@ -31,4 +33,7 @@ def acceptor_main(config_path: str | None, overrides: dict) -> None:
         return
     settings = load_settings(config_path, overrides)
     setup_logging(settings.node.log_level)
-    NodeService(settings, config_path, overrides, role="acceptor").serve_forever(stop)
+    service = NodeService(settings, config_path, overrides, role="acceptor")
+    if counts is not None:
+        service.metrics.shared = SharedCounts(counts)
+    service.serve_forever(stop)

@@ -231,6 +231,62 @@ class _DatabaseCollector:
             "0 when none is pending.", value=0.0 if oldest is None else max(0.0, now - oldest))
 
 
+# The counters an extra acceptor process (node/acceptor.py) keeps, in a fixed order: one slot each in
+# a shared-memory array serve gives it (SharedCounts), folded into serve's own counters at each scrape.
+ACCEPTOR_COUNTER_SLOTS = (
+    *(("instances", (outcome,)) for outcome in INSTANCE_OUTCOMES),
+    ("accepted", ()),
+    *(("refused", (reason,)) for reason in REFUSAL_REASONS),
+    ("audit_errors", ()),
+)
+
+
+class SharedCounts:
+    """An acceptor's counters in shared memory (multiprocessing.RawArray of doubles, one per
+    ACCEPTOR_COUNTER_SLOTS entry), written only by that acceptor and read by serve.
+
+    The acceptor publishes its totals on top of what the array held when it started, so the counts
+    of an acceptor that died and was restarted on the same array carry on, never go back.
+    """
+
+    _SLOTS = {entry: slot for slot, entry in enumerate(ACCEPTOR_COUNTER_SLOTS)}
+
+    def __init__(self, array) -> None:  # noqa: ANN001
+        self.array = array
+        self._base = list(array)
+        self._lock = threading.Lock()
+
+    def publish(self, counter: str, labels: tuple[str, ...], child) -> None:  # noqa: ANN001
+        """The new total of one counter (`child`: the prometheus_client counter or its labelled child)."""
+        slot = self._SLOTS.get((counter, labels))
+        if slot is not None:
+            with self._lock:
+                self.array[slot] = self._base[slot] + child._value.get()  # noqa: SLF001
+
+
+class _AcceptorFold:
+    """Registered before the counters: each scrape first adds what the extra acceptors counted since the
+    last one to serve's own counters, so /metrics covers every process that accepts on the port."""
+
+    def __init__(self, metrics: NodeMetrics) -> None:
+        self.metrics = metrics
+        self.arrays: list = []
+        self._seen: dict[int, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def collect(self):  # noqa: ANN201
+        with self._lock:
+            for array in self.arrays:
+                seen = self._seen.setdefault(id(array), [0.0] * len(ACCEPTOR_COUNTER_SLOTS))
+                for slot, (counter, labels) in enumerate(ACCEPTOR_COUNTER_SLOTS):
+                    delta = array[slot] - seen[slot]
+                    if delta > 0:
+                        metric = getattr(self.metrics, counter)
+                        (metric.labels(*labels) if labels else metric).inc(delta)
+                        seen[slot] = array[slot]
+        return iter(())
+
+
 class NodeMetrics:
     """The node's registry: counters updated in-process, and the database's gauges read at scrape time.
 
@@ -249,6 +305,9 @@ class NodeMetrics:
         self.registry.register(self._database)
         self.registry.register(stage_seconds)
         self.stage_seconds = stage_seconds
+        self._acceptors = _AcceptorFold(self)
+        self.registry.register(self._acceptors)
+        self.shared: SharedCounts | None = None  # in an extra acceptor: where its counts go
         self.instances = Counter("migraine_node_instances_received", "C-STORE requests received, by outcome.",
                                  ["outcome"], registry=self.registry)
         self.accepted = Counter("migraine_node_associations_accepted", "Associations accepted.",
@@ -271,6 +330,17 @@ class NodeMetrics:
         PlatformCollector(registry=self.registry)
         self._database.prime()
         self._probe = _DatabaseProbe(engine, DATABASE_TIMEOUT_SECONDS)
+
+    def add_acceptor_counts(self, array) -> None:  # noqa: ANN001
+        """serve: include an extra acceptor's shared counts (SharedCounts) in this registry's counters."""
+        self._acceptors.arrays.append(array)
+
+    def count(self, counter: str, *labels: str, amount: float = 1) -> None:
+        metric = getattr(self, counter)
+        child = metric.labels(*labels) if labels else metric
+        child.inc(amount)
+        if self.shared is not None:
+            self.shared.publish(counter, labels, child)
 
     def health(self) -> list[str]:
         """Why this process is not healthy; empty when it is."""
@@ -371,14 +441,13 @@ class Observer:
             audit.write(self.engine, events)
         except Exception as exc:  # noqa: BLE001 - never fails the work it describes
             if self.metrics is not None:
-                self.metrics.audit_errors.inc(len(events))
+                self.metrics.count("audit_errors", amount=len(events))
             log.error("could not write %d audit event(s) (%s): %s: %s", len(events),
                       ", ".join(sorted({e.kind for e in events})), type(exc).__name__, exc)
 
     def _count(self, counter: str, *labels: str) -> None:
         if self.metrics is not None:
-            metric = getattr(self.metrics, counter)
-            (metric.labels(*labels) if labels else metric).inc()
+            self.metrics.count(counter, *labels)
 
     @staticmethod
     def _peer(assoc) -> tuple[str | None, str | None]:  # noqa: ANN001

@@ -30,7 +30,7 @@ from node.dimse_tuning import disable_pydicom_validation, shorten_acceptor_react
 from node.dispatch import Dispatcher
 from node.errors import ConfigError, NodeError
 from node.export import Exporter
-from node.metrics import NodeMetrics, Observer
+from node.metrics import ACCEPTOR_COUNTER_SLOTS, NodeMetrics, Observer
 from node.recovery import SHARED_GRACE_SECONDS, recover
 from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers, start_acceptor
 from node.tls import server_context
@@ -408,9 +408,13 @@ class NodeService:
         from node.acceptor import acceptor_main
 
         spawn = multiprocessing.get_context("spawn")
+        # Each acceptor's counters, in shared memory serve folds into /metrics; kept across restarts.
+        counts = [spawn.RawArray("d", len(ACCEPTOR_COUNTER_SLOTS)) for _ in range(count)]
+        for array in counts:
+            self.metrics.add_acceptor_counts(array)
 
         def start(index: int) -> multiprocessing.process.BaseProcess:
-            process = spawn.Process(target=acceptor_main, args=self._config_source,
+            process = spawn.Process(target=acceptor_main, args=(*self._config_source, counts[index]),
                                     name=f"migraine-node-acceptor-{index}", daemon=True)
             process.start()
             return process
