@@ -128,7 +128,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     """Retention now, or with --dry-run what it would remove."""
     settings = _settings(args)
     setup_logging("WARNING")
-    from storage.retention import purge
+    from storage.retention import purge, purge_audit, result_folders
     from storage.spool import Spool
     from storage.store import iso
 
@@ -136,7 +136,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
     storage = settings.storage
     try:
         report = purge(store.engine, Spool(storage.spool_dir), storage.retention_days,
-                       storage.skipped_retention_days, dry_run=args.dry_run, limit=None)
+                       storage.skipped_retention_days, dry_run=args.dry_run, limit=None,
+                       result_roots=result_folders(storage.data_dir))
+        audit_events = purge_audit(store.engine, storage.audit_retention_days, dry_run=args.dry_run)
         if not report.dry_run:
             from storage.audit import record_purge
 
@@ -146,7 +148,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "dry_run": report.dry_run, "purged": report.purged, "files_removed": report.files_removed,
-            "bytes_removed": report.bytes_removed,
+            "bytes_removed": report.bytes_removed, "audit_events_removed": audit_events,
             "series": [{"series_instance_uid": c.series_instance_uid, "study_instance_uid": c.study_instance_uid,
                         "state": c.state, "done_at": iso(c.done_at), "files": c.files, "size_bytes": c.size_bytes}
                        for c in report.candidates]}, indent=2))
@@ -160,6 +162,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
     print(f"{len(report.candidates) if report.dry_run else report.purged} series, {total_files} file(s), "
           f"{total_bytes / 1e6:.1f} MB {'would be removed' if report.dry_run else 'removed'} (retention_days={storage.retention_days:g}, "
           f"skipped_retention_days={storage.skipped_retention_days:g}; 0 = keep)")
+    if storage.audit_retention_days > 0:
+        print(f"{audit_events} audit event(s) older than {storage.audit_retention_days:g} days "
+              f"{'would be removed' if report.dry_run else 'removed'} (audit_retention_days)")
     return 0
 
 

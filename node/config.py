@@ -141,6 +141,9 @@ class StorageSection(_Section):
     # `jobs` and `show` keep the history. 0 = never remove.
     retention_days: Annotated[float, Field(ge=0, le=36500)] = 30
     skipped_retention_days: Annotated[float, Field(ge=0, le=36500)] = 7
+    # Audit trail rows (storage/audit.py) older than this many days are removed. 0 = keep for ever (the
+    # default: how long an audit trail must be kept is the hospital's policy, often years).
+    audit_retention_days: Annotated[float, Field(ge=0, le=36500)] = 0
 
     @field_validator("database_url")
     @classmethod

@@ -298,10 +298,14 @@ class NodeService:
                      self.settings.storage.data_dir, self.engine.dialect.name)
 
     def _purge(self) -> None:
-        from storage.retention import purge
+        from storage.retention import purge, purge_audit, result_folders
 
         storage = self.settings.storage
-        purge(self.engine, self.spool, storage.retention_days, storage.skipped_retention_days)
+        purge(self.engine, self.spool, storage.retention_days, storage.skipped_retention_days,
+              result_roots=result_folders(storage.data_dir))
+        removed = purge_audit(self.engine, storage.audit_retention_days)
+        if removed:
+            log.info("retention: removed %d audit event(s) older than %g days", removed, storage.audit_retention_days)
 
     def _expire_leases(self) -> None:
         worker = self.settings.worker

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import Engine, and_, func, insert, select, text, update
 
 from storage.models import Delivery, DeliveryState, Instance, Job, ResultObject, Series, SeriesState, Transmission
-from storage.store import DICOM_UID_ROOT, SUPERSEDE_OLDER
+from storage.store import DICOM_UID_ROOT, SUPERSEDE_OLDER, iso
 
 
 class JobStoreError(Exception):
@@ -412,8 +412,13 @@ class JobQueue:
         """Make the latest SR's deliveries pending again (creating missing ones)."""
         now = _now(now)
         with self.engine.begin() as conn:
-            current = conn.execute(select(Series.version).where(
-                Series.series_instance_uid == series_instance_uid).with_for_update()).scalar()
+            current, purged_at = conn.execute(select(Series.version, Series.purged_at).where(
+                Series.series_instance_uid == series_instance_uid).with_for_update()).first() or (None, None)
+            if purged_at is not None:
+                raise JobStoreError(
+                    f"series {series_instance_uid} was purged by retention on {iso(purged_at)} ([storage] "
+                    "retention_days): its images and its SR are no longer on this node, and PACS holds the SR "
+                    "that was delivered. To make a new one, send the series again or use `replay --from-pacs`")
             job = conn.execute(
                 select(Job.id, Job.sr_path).where(Job.series_instance_uid == series_instance_uid,
                                                   Job.version == current, Job.sr_path.is_not(None))

@@ -1,7 +1,9 @@
 """Retention: remove the spool files of series whose work is done, keep their rows.
 
 A series' source images go `retention_days` after its result was delivered to every destination
-(state `delivered`), and `skipped_retention_days` after it was skipped (not a 3D T1). Never while
+(state `delivered`), with the result files (SR, result image) of every version of it that this node
+keeps under data_dir/sr and data_dir/images (PACS has the delivered ones; `resend` of a purged series
+says so, `replay --from-pacs` makes a new result), and `skipped_retention_days` after it was skipped (not a 3D T1). Never while
 its result is not delivered: `classified`, `failed`, `queued` and the rest keep their files for
 `resend` and `replay`. The series, job and delivery rows stay, marked purged (`purged_at`), so
 `jobs` and `show` keep the history; the instance rows go with their files. PACS is the archive.
@@ -19,11 +21,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from sqlalchemy import Engine, delete, func, select, update
 
-from storage.models import Instance, Series, SeriesState
+from storage.models import AuditEvent, Instance, Job, ResultObject, Series, SeriesState
 from storage.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,36 @@ def purge_candidates(engine: Engine, retention_days: float, skipped_retention_da
     return out[:limit] if limit is not None else out
 
 
-def _purge_one(engine: Engine, spool: Spool, candidate: PurgeCandidate, before: float, now: float) -> tuple[int, int] | None:
+def _remove_results(conn, candidate: PurgeCandidate, result_roots: tuple[Path, ...]) -> tuple[int, int]:  # noqa: ANN001
+    """Remove the result files of every version of a delivered series; (files, bytes) removed.
+    Only files under one of `result_roots`: a path in the database is never trusted further."""
+    if candidate.state != SeriesState.DELIVERED.value or not result_roots:
+        return 0, 0
+    roots = [root.resolve() for root in result_roots]
+    paths = conn.execute(select(ResultObject.path).join(Job, Job.id == ResultObject.job_id)
+                         .where(Job.series_instance_uid == candidate.series_instance_uid)).scalars()
+    removed = size = 0
+    for path in paths:
+        target = Path(path)
+        try:
+            resolved = target.resolve()
+        except (OSError, RuntimeError):
+            continue
+        if not target.is_absolute() or not any(resolved.is_relative_to(root) for root in roots):
+            log.warning("retention: result file %r of series %s is not under the node's result folders; left alone",
+                        path, candidate.series_instance_uid)
+            continue
+        try:
+            size += resolved.stat().st_size
+            resolved.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed, size
+
+
+def _purge_one(engine: Engine, spool: Spool, candidate: PurgeCandidate, before: float, now: float,
+               result_roots: tuple[Path, ...] = ()) -> tuple[int, int] | None:
     """Remove one series' files and instance rows; None when it changed since it was listed."""
     with engine.begin() as conn:
         row = conn.execute(
@@ -113,6 +144,8 @@ def _purge_one(engine: Engine, spool: Spool, candidate: PurgeCandidate, before: 
             except FileNotFoundError:
                 pass
             directories.add(target.parent)
+        results = _remove_results(conn, candidate, result_roots)
+        removed, size = removed + results[0], size + results[1]
         conn.execute(delete(Instance).where(Instance.series_instance_uid == candidate.series_instance_uid))
         conn.execute(update(Series).where(Series.series_instance_uid == candidate.series_instance_uid)
                      .values(purged_at=now))
@@ -125,9 +158,16 @@ def _purge_one(engine: Engine, spool: Spool, candidate: PurgeCandidate, before: 
     return removed, size
 
 
+def result_folders(data_dir: Path) -> tuple[Path, Path]:
+    """Where the worker keeps the SRs and result images it made (node/worker.py)."""
+    return data_dir / "sr", data_dir / "images"
+
+
 def purge(engine: Engine, spool: Spool, retention_days: float, skipped_retention_days: float,
-          now: float | None = None, dry_run: bool = False, limit: int | None = BATCH_SERIES) -> PurgeReport:
-    """Purge up to `limit` due series (all of them with limit=None); `dry_run` only lists them."""
+          now: float | None = None, dry_run: bool = False, limit: int | None = BATCH_SERIES,
+          result_roots: tuple[Path, ...] = ()) -> PurgeReport:
+    """Purge up to `limit` due series (all of them with limit=None); `dry_run` only lists them.
+    `result_roots` (result_folders(data_dir)): the folders a delivered series' result files may be removed from."""
     now = time.time() if now is None else now
     candidates = purge_candidates(engine, retention_days, skipped_retention_days, now, limit)
     if dry_run:
@@ -135,7 +175,7 @@ def purge(engine: Engine, spool: Spool, retention_days: float, skipped_retention
     befores = dict(_cutoffs(now, retention_days, skipped_retention_days))
     purged = files = size = 0
     for candidate in candidates:
-        outcome = _purge_one(engine, spool, candidate, befores[candidate.state], now)
+        outcome = _purge_one(engine, spool, candidate, befores[candidate.state], now, result_roots)
         if outcome is None:
             continue
         purged += 1
@@ -144,3 +184,26 @@ def purge(engine: Engine, spool: Spool, retention_days: float, skipped_retention
         log.info("retention: removed %d spool file(s) (%.1f MB) of series %s (%s)", outcome[0], outcome[1] / 1e6,
                  candidate.series_instance_uid, candidate.state)
     return PurgeReport(tuple(candidates), purged, files, size, False)
+
+
+AUDIT_BATCH = 5000
+"""Audit rows removed per transaction: a long backlog never holds the write lock for long."""
+
+
+def purge_audit(engine: Engine, retention_days: float, now: float | None = None, dry_run: bool = False) -> int:
+    """Remove audit events older than `retention_days` (0 = keep for ever); how many (would) go."""
+    if retention_days <= 0:
+        return 0
+    before = (time.time() if now is None else now) - retention_days * DAY
+    if dry_run:
+        with engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(AuditEvent).where(AuditEvent.at < before)).scalar()
+    removed = 0
+    while True:
+        with engine.begin() as conn:
+            ids = conn.execute(select(AuditEvent.id).where(AuditEvent.at < before).order_by(AuditEvent.id)
+                               .limit(AUDIT_BATCH)).scalars().all()
+            if not ids:
+                return removed
+            conn.execute(delete(AuditEvent).where(AuditEvent.id.in_(ids)))
+        removed += len(ids)

@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from storage.db import make_engine
-from storage.jobs import JobQueue, ResultFile
-from storage.retention import DAY, purge, purge_candidates
+from storage.jobs import JobQueue, JobStoreError, ResultFile
+from storage.retention import DAY, purge, purge_candidates, result_folders
 from storage.spool import Spool, SpoolKey
 from storage.store import InstanceRecord, JobStore, RecordOutcome
 
@@ -32,7 +32,8 @@ def _receive(store: JobStore, spool: Spool, series: str, count: int, now: float)
                                              expected_instances=count), replaced_content=False, now=now)
 
 
-def _finish(store: JobStore, queue: JobQueue, series: str, outcome: str, now: float) -> None:
+def _finish(store: JobStore, queue: JobQueue, series: str, outcome: str, now: float,
+            objects: list[ResultFile] | None = None) -> None:
     """Complete the series and take it to `outcome`: delivered, skipped, classified (pending) or failed."""
     (snap,) = [s for s in store.receiving_series() if s.series_instance_uid == series]
     assert store.mark_complete(snap, "complete", now=now)
@@ -44,10 +45,11 @@ def _finish(store: JobStore, queue: JobQueue, series: str, outcome: str, now: fl
     if outcome == "failed":
         queue.fail(job_id, "boom", max_attempts=1, retry_seconds=0, now=now)
         return
-    sr = ResultFile("sr", "1.2.840.10008.5.1.4.1.1.88.33", "9.9", f"{series}.99", "/x/sr.dcm", "k")
+    objects = objects or [ResultFile("sr", "1.2.840.10008.5.1.4.1.1.88.33", "9.9", f"{series}.99", "/x/sr.dcm", "k")]
+    sr = objects[0]
     queue.finish(job_id, {"probability": 0.6, "label": "responder", "model_id": "m", "device": "cpu",
                           "synthetic": True, "timings": {}, "sr_sop_instance_uid": sr.sop_instance_uid,
-                          "sr_path": sr.path, "objects": [sr]}, ["pacs"], now=now)
+                          "sr_path": sr.path, "objects": objects}, ["pacs"], now=now)
     if outcome == "delivered":
         (due,) = [d for d in queue.claim_deliveries(now=now + 1) if d.series_instance_uid == series]
         queue.delivery_sent(due.delivery_id, now=now)
@@ -84,6 +86,41 @@ def test_only_finished_series_past_their_retention_lose_their_files(node):
     assert purge(store.engine, spool, 30, 7, now=NOW).purged == 0  # nothing twice
     # 0 days = keep for ever.
     assert purge_candidates(store.engine, 0, 0, now=NOW + 1000 * DAY) == []
+
+
+def test_a_delivered_series_loses_its_result_files_and_resend_says_why(node, tmp_path):
+    """The SR and result image of every version go with the source images (PACS has the delivered ones);
+    a result path outside the node's result folders is never removed; resend then names the purge."""
+    store, queue, spool = node
+    roots = result_folders(tmp_path / "data")
+    outside = tmp_path / "elsewhere.dcm"
+    outside.write_bytes(b"not ours")
+    made = []
+    for series, when in (("1.2.9.1", NOW - 40 * DAY), ("1.2.9.2", NOW - 5 * DAY)):
+        _receive(store, spool, series, 3, when)
+        paths = []
+        for root, name in ((roots[0], "sr.dcm"), (roots[1], "image.dcm")):
+            path = root / STUDY / series / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"R" * 1000)
+            paths.append(path)
+        made.append(paths)
+        _finish(store, queue, series, "delivered", when,
+                objects=[ResultFile("sr", "1.2.840.10008.5.1.4.1.1.88.33", "9.9", f"{series}.99", str(paths[0]), "k"),
+                         ResultFile("image", "1.2.840.10008.5.1.4.1.1.7", "9.8", f"{series}.98", str(paths[1]), "k")])
+    # A result row pointing outside the result folders (a tampered or foreign database).
+    _receive(store, spool, "1.2.9.3", 3, NOW - 40 * DAY)
+    _finish(store, queue, "1.2.9.3", "delivered", NOW - 40 * DAY,
+            objects=[ResultFile("sr", "1.2.840.10008.5.1.4.1.1.88.33", "9.9", "1.2.9.3.99", str(outside), "k")])
+
+    report = purge(store.engine, spool, 30, 7, now=NOW, result_roots=roots)
+    assert report.purged == 2
+    assert report.files_removed == 3 + 2 + 3  # the old series' images and results, the other's images
+    assert not any(p.exists() for p in made[0]) and all(p.exists() for p in made[1])
+    assert outside.read_bytes() == b"not ours"
+    with pytest.raises(JobStoreError, match="purged by retention on .*replay --from-pacs"):
+        queue.resend("1.2.9.1", ["pacs"])
+    assert queue.resend("1.2.9.2", ["pacs"]) == 1  # not purged: resent as before
 
 
 def test_a_purged_series_sent_again_counts_from_zero(node):
@@ -129,3 +166,24 @@ def test_ingest_goes_on_while_a_purge_runs(node):
     assert report.purged == 40 and report.files_removed == 160
     assert outcomes == [RecordOutcome.NEW] * 120
     assert _files(spool, "1.2.9.7") == 120 and store.get_series("1.2.9.7").instances == 120
+
+
+def test_audit_events_older_than_audit_retention_days_go_in_batches(node, monkeypatch):
+    from sqlalchemy import select
+
+    from storage import audit, retention
+    from storage.models import AuditEvent
+    from storage.retention import purge_audit
+
+    store, _, _ = node
+    events = [audit.Event(audit.ASSOCIATION_ACCEPTED, actor="SCANNER", at=NOW - days * DAY)
+              for days in (400,) * 7 + (100, 10)]
+    audit.write(store.engine, events)
+    assert purge_audit(store.engine, 0, now=NOW) == 0  # 0 = kept for ever
+    assert purge_audit(store.engine, 365, now=NOW, dry_run=True) == 7
+    monkeypatch.setattr(retention, "AUDIT_BATCH", 3)  # several transactions
+    assert purge_audit(store.engine, 365, now=NOW) == 7
+    with store.engine.connect() as conn:
+        left = sorted(round((NOW - at) / DAY) for at in conn.execute(select(AuditEvent.at)).scalars())
+    assert left == [10, 100]
+    assert purge_audit(store.engine, 365, now=NOW) == 0
