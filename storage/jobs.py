@@ -1,4 +1,5 @@
-"""Job and delivery transitions after a series is complete, each one transaction.
+"""Job transitions after a series is complete, each one transaction (deliveries: storage/deliveries.py,
+whose DeliveryQueue JobQueue inherits; lease owners: storage/leases.py).
 
     complete --select--> queued --claim--> classifying --finish--> classified --all sent--> delivered
         \\--> skipped(reason)          \\--fail--> queued (retry later) | failed(reason)
@@ -12,16 +13,18 @@ older one's unfinished job: it is never classified or exported after that.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import Engine, and_, func, insert, select, text, update
 
-from storage.models import Delivery, DeliveryState, Instance, Job, ResultObject, Series, SeriesState, Transmission
+from storage.deliveries import DeliveryQueue, DueDelivery, Predecessor, ResultFile
+from storage.leases import DEFAULT_LEASE_SECONDS, claimed_by, gone_from_this_host, now_or, process_identity
+from storage.models import Delivery, DeliveryState, Instance, Job, ResultObject, Series, SeriesState
 from storage.store import DICOM_UID_ROOT, SUPERSEDE_OLDER, iso
+
+__all__ = ["ClaimedJob", "DueDelivery", "JobQueue", "JobStoreError", "Predecessor", "ResultFile", "claimed_by",
+           "process_identity"]
 
 
 class JobStoreError(Exception):
@@ -38,95 +41,7 @@ class ClaimedJob:
     instance_paths: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class ResultFile:
-    """One object a job produced, as export and `show` need it."""
-
-    kind: str  # "sr" | "image"
-    sop_class_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    path: str
-    content_key: str = ""
-    predecessor_sop_instance_uid: str | None = None
-
-
-@dataclass(frozen=True)
-class DueDelivery:
-    delivery_id: int
-    job_id: int
-    destination: str
-    attempts: int
-    objects: tuple[ResultFile, ...]
-    series_instance_uid: str
-
-    @property
-    def sr_sop_instance_uid(self) -> str | None:
-        return next((o.sop_instance_uid for o in self.objects if o.kind == "sr"), None)
-
-
-@dataclass(frozen=True)
-class Predecessor:
-    """The last result of a kind that a destination acknowledged for a series."""
-
-    sop_class_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-
-
-def process_identity(pid: int | None = None) -> str:
-    """"host:pid": who holds a job or a delivery (lease_owner); unique across the machines sharing
-    one database."""
-    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
-
-
-def claimed_by(owner: str) -> str:
-    """The reason a job carries while the process `owner` ("host:pid") holds it."""
-    host, _, pid = owner.rpartition(":")
-    return f"classifying in worker process {pid} on {host}"
-
-
-def _pid_alive(pid: int) -> bool:
-    """Running: a zombie (killed, not yet reaped by whoever inherited it) has ended."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        stat = ""
-    if stat:
-        return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _gone_from_this_host(owner: str | None, host: str) -> bool:
-    """Whether the lease owner "host:pid" is a process of this host that has ended."""
-    if owner is None:
-        return False
-    owner_host, _, pid = owner.rpartition(":")
-    return owner_host == host and pid.isdigit() and not _pid_alive(int(pid))
-
-
-DEFAULT_LEASE_SECONDS = 60.0
-
-
-def _due_conditions(now: float) -> tuple:
-    """A delivery is due: pending, its next attempt reached, its job not superseded (joined with Job)."""
-    return (Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now,
-            Job.state != SeriesState.SUPERSEDED)
-
-
-def _now(now: float | None) -> float:
-    return time.time() if now is None else now
-
-
-class JobQueue:
+class JobQueue(DeliveryQueue):
     """Job and delivery transitions; safe with any number of processes on any number of machines
     sharing one database (claims lock rows with FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite's
     BEGIN IMMEDIATE serialises writers).
@@ -181,7 +96,7 @@ class JobQueue:
                 return  # superseded meanwhile, or selected by another node
             state = SeriesState.QUEUED if accepted else SeriesState.SKIPPED
             full = f"{reason}; complete: {completion}" if completion else reason
-            now = _now(now)
+            now = now_or(now)
             self._set_state(conn, job_id, state, now, reason=full, **({"queued_at": now} if accepted else {}))
 
     # ---- worker -------------------------------------------------------------
@@ -194,7 +109,7 @@ class JobQueue:
         `serve` can release the job of a worker that died (`requeue_jobs_of`) and any node can
         take back one whose holder stopped renewing it (`expire_leases`).
         """
-        now = _now(now)
+        now = now_or(now)
         owner = self.owner if worker_pid is None else process_identity(worker_pid)
         with self.engine.begin() as conn:
             row = conn.execute(
@@ -234,7 +149,7 @@ class JobQueue:
     def heartbeat(self, job_id: int, now: float | None = None) -> bool:
         """Renew this owner's lease on a job it classifies; False when the lease was lost (it expired
         and the job went back to the queue, or the job was superseded)."""
-        now = _now(now)
+        now = now_or(now)
         with self.engine.begin() as conn:
             renewed = conn.execute(
                 update(Job).where(Job.id == job_id, Job.state == SeriesState.CLASSIFYING, Job.lease_owner == self.owner)
@@ -245,7 +160,7 @@ class JobQueue:
     def expire_leases(self, max_attempts: int, retry_seconds: float, now: float | None = None) -> list[tuple[int, str, str]]:
         """Jobs whose holder stopped renewing its lease (process or machine gone), as a failed
         attempt (`_retry_or_fail`). Returns (job id, former owner, new state) triples."""
-        now = _now(now)
+        now = now_or(now)
         out = []
         with self.engine.begin() as conn:
             rows = conn.execute(
@@ -273,7 +188,7 @@ class JobQueue:
         Returns False when a newer version of the series superseded the job while
         it was classified: the result is kept for the record, never exported.
         """
-        now = _now(now)
+        now = now_or(now)
         with self.engine.begin() as conn:
             current_job = conn.execute(select(Job.id).where(Job.id == job_id).with_for_update()).scalar_one()
             if self._held_elsewhere(conn, current_job) is not None:
@@ -317,7 +232,7 @@ class JobQueue:
 
     def fail(self, job_id: int, reason: str, max_attempts: int, retry_seconds: float, now: float | None = None) -> str:
         """Back to the queue for a later attempt, or `failed` when the budget is spent."""
-        now = _now(now)
+        now = now_or(now)
         with self.engine.begin() as conn:
             attempts, state, version, current = conn.execute(
                 select(Job.attempts, Job.state, Job.version, Series.version)
@@ -361,7 +276,7 @@ class JobQueue:
         Never another machine's jobs, nor a live process's: those return through their lease
         (`expire_leases`). A job with no owner was claimed by a release without leases.
         """
-        now = _now(now)
+        now = now_or(now)
         host = socket.gethostname()
         with self.engine.begin() as conn:
             rows = conn.execute(
@@ -372,7 +287,7 @@ class JobQueue:
             ).all()
             count = 0
             for row in rows:
-                if row.lease_owner is not None and not _gone_from_this_host(row.lease_owner, host):
+                if row.lease_owner is not None and not gone_from_this_host(row.lease_owner, host):
                     continue
                 count += 1
                 if row.version < row.current:
@@ -386,7 +301,7 @@ class JobQueue:
     # ---- replay / resend ----------------------------------------------------
     def replay(self, uid: str, now: float | None = None) -> list[str]:
         """New job version for a series (or every series of a study), from the spool."""
-        now = _now(now)
+        now = now_or(now)
         with self.engine.begin() as conn:
             rows = conn.execute(
                 select(Series.series_instance_uid, Series.version, Series.instances).where(
@@ -410,7 +325,7 @@ class JobQueue:
 
     def resend(self, series_instance_uid: str, destinations: list[str], now: float | None = None) -> int:
         """Make the latest SR's deliveries pending again (creating missing ones)."""
-        now = _now(now)
+        now = now_or(now)
         with self.engine.begin() as conn:
             current, purged_at = conn.execute(select(Series.version, Series.purged_at).where(
                 Series.series_instance_uid == series_instance_uid).with_for_update()).first() or (None, None)
@@ -441,144 +356,6 @@ class JobQueue:
             self._set_state(conn, job.id, SeriesState.CLASSIFIED, now, reason="resend requested")
             return len(destinations)
 
-    # ---- deliveries ---------------------------------------------------------
-    def due_deliveries(self, now: float | None = None, limit: int = 100) -> list[DueDelivery]:
-        now = _now(now)
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(Delivery.id, Delivery.job_id, Delivery.destination, Delivery.attempts, Job.sr_path,
-                       Job.sr_sop_instance_uid, Job.series_instance_uid)
-                .join(Job, Job.id == Delivery.job_id)
-                .where(*_due_conditions(now))
-                .order_by(Delivery.next_attempt_at)
-                .limit(limit)
-            ).all()
-            return self._due(conn, rows)
-
-    def claim_deliveries(self, now: float | None = None, limit: int = 100,
-                         lease_seconds: float = 120.0) -> list[DueDelivery]:
-        """The due deliveries, taken by this exporter: locked (SKIP LOCKED) and pushed `lease_seconds`
-        into the future with this owner recorded, so an exporter on another node does not send them
-        too. The outcome (`delivery_sent/retry/failed`) ends the lease; an exporter that dies
-        mid-send leaves them due again when the lease runs out."""
-        now = _now(now)
-        with self.engine.begin() as conn:
-            ids = list(conn.execute(
-                select(Delivery.id).join(Job, Job.id == Delivery.job_id)
-                .where(*_due_conditions(now))
-                .order_by(Delivery.next_attempt_at).limit(limit)
-                .with_for_update(skip_locked=True, of=Delivery)
-            ).scalars())
-            if not ids:
-                return []
-            conn.execute(update(Delivery).where(Delivery.id.in_(ids)).values(
-                next_attempt_at=now + lease_seconds, lease_owner=self.owner))
-            rows = conn.execute(
-                select(Delivery.id, Delivery.job_id, Delivery.destination, Delivery.attempts, Job.sr_path,
-                       Job.sr_sop_instance_uid, Job.series_instance_uid)
-                .join(Job, Job.id == Delivery.job_id).where(Delivery.id.in_(ids)).order_by(Delivery.id)
-            ).all()
-            return self._due(conn, rows)
-
-    def release_interrupted_deliveries(self, now: float | None = None) -> int:
-        """At start-up: deliveries this machine's exporters were sending when they died are due now,
-        not when their lease would have run out. Another machine's, or a live process's, stay leased."""
-        now = _now(now)
-        host = socket.gethostname()
-        with self.engine.begin() as conn:
-            rows = conn.execute(
-                select(Delivery.id, Delivery.lease_owner)
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.lease_owner.is_not(None))
-                .with_for_update(skip_locked=True)
-            ).all()
-            released = [row.id for row in rows if _gone_from_this_host(row.lease_owner, host)]
-            if released:
-                conn.execute(update(Delivery).where(Delivery.id.in_(released)).values(
-                    next_attempt_at=now, lease_owner=None, updated_at=now))
-        return len(released)
-
-    def _due(self, conn, rows) -> list[DueDelivery]:  # noqa: ANN001
-        objects = self._objects(conn, [r.job_id for r in rows])
-        return [DueDelivery(r.id, r.job_id, r.destination, r.attempts,
-                            objects.get(r.job_id) or self._legacy_sr(r), r.series_instance_uid) for r in rows]
-
-    @staticmethod
-    def _legacy_sr(row) -> tuple[ResultFile, ...]:  # noqa: ANN001
-        """A job recorded before result_object existed: its SR is all it has."""
-        if not row.sr_path:
-            return ()
-        return (ResultFile("sr", "1.2.840.10008.5.1.4.1.1.88.33", "", row.sr_sop_instance_uid, row.sr_path),)
-
-    @staticmethod
-    def _objects(conn, job_ids: list[int]) -> dict[int, tuple[ResultFile, ...]]:  # noqa: ANN001
-        out: dict[int, list[ResultFile]] = {}
-        if job_ids:
-            for o in conn.execute(select(ResultObject).where(ResultObject.job_id.in_(job_ids))
-                                  .order_by(ResultObject.id)):
-                out.setdefault(o.job_id, []).append(ResultFile(
-                    o.kind, o.sop_class_uid, o.series_instance_uid, o.sop_instance_uid, o.path, o.content_key,
-                    o.predecessor_sop_instance_uid))
-        return {k: tuple(v) for k, v in out.items()}
-
-    def result_objects(self, job_id: int) -> tuple[ResultFile, ...]:
-        with self.engine.connect() as conn:
-            return self._objects(conn, [job_id]).get(job_id, ())
-
-    def last_acknowledged(self, series_instance_uid: str, kind: str, unlike: str) -> Predecessor | None:
-        """The newest `kind` result of this series that any destination stored, other than `unlike`.
-
-        It is what PACS shows today, so it is what a new result replaces
-        (Predecessor Documents Sequence).
-        """
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(Transmission.sop_class_uid, Transmission.result_series_instance_uid,
-                       Transmission.sop_instance_uid)
-                .join(Job, Job.id == Transmission.job_id)
-                .where(Transmission.series_instance_uid == series_instance_uid, Transmission.kind == kind,
-                       Transmission.sop_instance_uid != unlike, Transmission.result_series_instance_uid != "")
-                .order_by(Job.version.desc(), Transmission.sent_at.desc(), Transmission.id.desc()).limit(1)
-            ).first()
-        return None if row is None else Predecessor(*row)
-
-    def record_sent(self, delivery_id: int, sent: tuple[tuple[ResultFile, int], ...], now: float | None = None) -> None:
-        """History of objects a destination acknowledged: (object, status) pairs."""
-        now = _now(now)
-        with self.engine.begin() as conn:
-            row = conn.execute(select(Delivery.job_id, Delivery.destination, Job.series_instance_uid)
-                               .join(Job, Job.id == Delivery.job_id).where(Delivery.id == delivery_id)).one()
-            for obj, status in sent:
-                conn.execute(insert(Transmission).values(
-                    delivery_id=delivery_id, job_id=row.job_id, series_instance_uid=row.series_instance_uid,
-                    destination=row.destination, kind=obj.kind, sop_class_uid=obj.sop_class_uid,
-                    result_series_instance_uid=obj.series_instance_uid, sop_instance_uid=obj.sop_instance_uid,
-                    status=status, sent_at=now))
-
-    def delivery_sent(self, delivery_id: int, now: float | None = None) -> None:
-        self._delivery(delivery_id, DeliveryState.SENT, None, None, _now(now))
-
-    def delivery_retry(self, delivery_id: int, error: str, next_attempt_at: float, now: float | None = None) -> None:
-        self._delivery(delivery_id, DeliveryState.PENDING, error, next_attempt_at, _now(now))
-
-    def delivery_failed(self, delivery_id: int, error: str, now: float | None = None) -> None:
-        self._delivery(delivery_id, DeliveryState.FAILED, error, None, _now(now))
-
-    def _delivery(self, delivery_id: int, state: str, error: str | None, next_at: float | None, now: float) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(update(Delivery).where(Delivery.id == delivery_id,
-                                                Delivery.state != DeliveryState.SUPERSEDED).values(
-                state=state, attempts=Delivery.attempts + 1, last_error=error, next_attempt_at=next_at, updated_at=now,
-                lease_owner=None))
-            job_id, job_state = conn.execute(select(Job.id, Job.state).join(Delivery, Delivery.job_id == Job.id)
-                                             .where(Delivery.id == delivery_id)).one()
-            if job_state == SeriesState.SUPERSEDED:
-                return  # sent while a newer version arrived: history only
-            states = list(conn.execute(select(Delivery.state).where(Delivery.job_id == job_id)).scalars())
-            if all(s == DeliveryState.SENT for s in states):
-                self._set_state(conn, job_id, SeriesState.DELIVERED, now, reason=f"SR delivered to {len(states)} destination(s)")
-            elif state == DeliveryState.FAILED:
-                self._set_state(conn, job_id, SeriesState.CLASSIFIED, now, reason=f"delivery failed: {error}")
-
     def status(self) -> dict:
         with self.engine.connect() as conn:
             series = dict(conn.execute(select(Series.state, func.count()).group_by(Series.state)).all())
@@ -599,7 +376,7 @@ class JobQueue:
                         now: float | None = None) -> list[tuple[int, str]]:
         """Jobs a dead worker process left `classifying`, treated as a failed attempt
         (`_retry_or_fail`). Returns (job id, new state) pairs."""
-        now = _now(now)
+        now = now_or(now)
         out: list[tuple[int, str]] = []
         with self.engine.begin() as conn:
             rows = conn.execute(
