@@ -130,9 +130,13 @@ def _send(series_dir: Path, port: int, called: str) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
+    from pynetdicom import evt
+
+    from node.dimse_tuning import set_tcp_nodelay
+
     ae = AE(ae_title="DEMO_SCANNER")
     ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
     if not assoc.is_established:
         raise NodeError(f"{called} on port {port} did not accept the demo association")
     try:

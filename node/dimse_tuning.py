@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import queue
 import select
+import socket
 import struct
 import threading
 
@@ -247,14 +248,39 @@ def shorten_acceptor_reactor_sleep() -> bool:
     return True
 
 
+def set_tcp_nodelay(event) -> None:  # noqa: ANN001  pynetdicom Event (EVT_CONN_OPEN)
+    """Send each PDU at once. A DIMSE command and its data set leave as separate small writes; with
+    Nagle's algorithm the second waits for the peer's delayed ACK, up to 40 ms: measured against
+    Orthanc, an SR and a result image took 60-110 ms to send instead of about 20 ms, one time in three."""
+    transport = event.assoc.dul.socket
+    sock = getattr(transport, "socket", None) if transport is not None else None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def _node_ae_class():  # noqa: ANN202
+    from pynetdicom import AE, evt
+
+    class NodeAE(AE):
+        """pynetdicom's AE whose associations (as requestor) send without Nagle's delay."""
+
+        def associate(self, *args, evt_handlers=None, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            handlers = [*(evt_handlers or []), (evt.EVT_CONN_OPEN, set_tcp_nodelay)]
+            return super().associate(*args, evt_handlers=handlers, **kwargs)
+
+    return NodeAE
+
+
 def node_ae(ae_title: str):  # noqa: ANN201  pynetdicom.AE
     """An AE that names itself as migraine-node in every association (Implementation Class UID and
-    Version Name, PS3.7 D.3.3.2), the same identity as our files' meta header, not pynetdicom's."""
-    from pynetdicom import AE
-
+    Version Name, PS3.7 D.3.3.2), the same identity as our files' meta header, not pynetdicom's,
+    and whose requests go out without Nagle's delay (set_tcp_nodelay)."""
     from storage.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
-    ae = AE(ae_title=ae_title)
+    ae = _node_ae_class()(ae_title=ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     return ae

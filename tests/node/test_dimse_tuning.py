@@ -182,3 +182,28 @@ def test_an_idle_association_waits_instead_of_polling_and_still_answers_at_once(
     finally:
         dimse_tuning._DulWaiter.wait = real_wait
         server.shutdown()
+
+
+def test_the_nodes_requests_go_out_without_nagles_delay():
+    """Every association the node requests (export, echo, C-GET/C-MOVE) sets TCP_NODELAY: with Nagle's
+    algorithm an SR sent to Orthanc stalled 40 ms on the peer's delayed ACK one time in three."""
+    import socket
+
+    from node.dimse_tuning import node_ae
+
+    scp = AE("PEER")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        flags = {}
+        for name, ae in (("node", node_ae("MIGNODE")), ("plain pynetdicom", AE("PLAIN"))):
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", port, ae_title="PEER")
+            assert assoc.is_established
+            flags[name] = assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+        assert flags["node"] != 0 and flags["plain pynetdicom"] == 0, flags
+    finally:
+        server.shutdown()
