@@ -24,6 +24,7 @@ import select
 import socket
 import struct
 import threading
+import time
 
 import pydicom.config
 
@@ -86,8 +87,6 @@ class _DulWaiter:
                 pass
 
     def wait(self, fallback: float) -> None:
-        import time
-
         try:
             while os.read(self.read_fd, 512):
                 pass
@@ -232,8 +231,6 @@ def _fast_command_encoder(original):  # noqa: ANN001, ANN202
 def shorten_acceptor_reactor_sleep() -> bool:
     """Install the waiting reactors and the short command-set encoder; returns True when the patch
     applies to the installed pynetdicom."""
-    import time
-
     import pynetdicom.association as association
     import pynetdicom.dimse_messages as dimse_messages
     import pynetdicom.dul as dul

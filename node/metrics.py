@@ -281,8 +281,7 @@ class _AcceptorFold:
                 for slot, (counter, labels) in enumerate(ACCEPTOR_COUNTER_SLOTS):
                     delta = array[slot] - seen[slot]
                     if delta > 0:
-                        metric = getattr(self.metrics, counter)
-                        (metric.labels(*labels) if labels else metric).inc(delta)
+                        self.metrics.count(counter, *labels, amount=delta)
                         seen[slot] = array[slot]
         return iter(())
 

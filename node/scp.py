@@ -47,7 +47,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import Settings
-from node.dimse_tuning import node_ae, tune_association
+from node.dimse_tuning import node_ae, set_tcp_nodelay, tune_association
 from node.errors import IngestError, StoreStatus
 from node.header import HeaderError, instance_record, read_header
 from node.logs import log_context
@@ -269,14 +269,9 @@ def handle_echo(event: evt.Event) -> int:
 
 def handle_conn_open(event: evt.Event) -> None:
     """Send each response at once (Nagle's algorithm costs ~40 ms per C-STORE)
-    and poll the socket more often than pynetdicom's default."""
+    and let the association's threads wait for work instead of polling (node/dimse_tuning.py)."""
     tune_association(event.assoc)
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+    set_tcp_nodelay(event)
 
 
 def handle_requested(event: evt.Event, own_ae_title: str, allowed: frozenset[str]) -> None:
