@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,21 +65,26 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_storescp(work: Path, series_dir: Path, n: int) -> float:
-    out = work / "storescp-out"
+def time_storescp(out: Path, n: int, send_to: Callable[[str, int], float]) -> float:
+    """images/s of DCMTK storescp (AE title STORESCP, writing into `out`, made empty) while
+    `send_to(called, port)` sends `n` instances and returns its seconds; every one must be stored."""
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
+    out.mkdir(parents=True)
     port = free_port()
     proc = subprocess.Popen([STORESCP, "-aet", "STORESCP", "--output-directory", str(out), str(port)], env=ENV)
     try:
         wait_port(port, proc)
-        seconds = send(series_dir, "STORESCP", port)
+        seconds = send_to("STORESCP", port)
     finally:
         stop(proc)
     stored = sum(1 for _ in out.iterdir())
     if stored != n:
         raise RuntimeError(f"storescp stored {stored}/{n}")
     return n / seconds
+
+
+def run_storescp(work: Path, series_dir: Path, n: int) -> float:
+    return time_storescp(work / "storescp-out", n, lambda called, port: send(series_dir, called, port))
 
 
 def run_node(work: Path, series_dir: Path, n: int) -> float:

@@ -16,7 +16,6 @@ checks (instances lost, duplicates, SRs delivered), our single-sender rate and f
 from __future__ import annotations
 
 import argparse
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest import ENV, STORESCP, STORESCU, stop, wait_port  # noqa: E402
+from bench.ingest import ENV, STORESCP, STORESCU, stop, time_storescp, wait_port  # noqa: E402
 from tests.peers import OrthancProcess, free_port  # noqa: E402
 
 
@@ -179,20 +178,8 @@ def run_node(work: Path, per_sender: list[list[Path]], acceptors: int, ckpt: Pat
 
 
 def run_storescp(work: Path, per_sender: list[list[Path]]) -> float:
-    out = work / "storescp"
-    out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen([STORESCP, "-aet", "STORESCP", "-od", str(out), str(port)], env=ENV)
-    try:
-        wait_port(port, proc)
-        seconds = send_all(per_sender, "STORESCP", port)
-    finally:
-        stop(proc)
     total = sum(len(list(f.glob("*.dcm"))) for folders in per_sender for f in folders)
-    stored = sum(1 for _ in out.iterdir())
-    if stored != total:
-        raise RuntimeError(f"storescp stored {stored}/{total}")
-    return total / seconds
+    return time_storescp(work / "storescp", total, lambda called, port: send_all(per_sender, called, port))
 
 
 def run_orthanc(work: Path, per_sender: list[list[Path]]) -> float:
