@@ -30,7 +30,8 @@ from node.dimse_tuning import disable_pydicom_validation, shorten_acceptor_react
 from node.dispatch import Dispatcher
 from node.errors import ConfigError, NodeError
 from node.export import Exporter
-from node.metrics import ACCEPTOR_COUNTER_SLOTS, NodeMetrics, Observer
+from node.metrics import ACCEPTOR_COUNTER_SLOTS, NodeMetrics
+from node.observer import Observer
 from node.recovery import SHARED_GRACE_SECONDS, recover
 from node.scp import ActiveAssociations, Ingest, build_ae, event_handlers, start_acceptor
 from node.tls import server_context

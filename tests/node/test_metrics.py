@@ -163,7 +163,8 @@ def test_an_audit_event_that_cannot_be_written_is_counted_and_never_raised(tmp_p
     from sqlalchemy import create_engine
 
     from node.config import load_settings
-    from node.metrics import NodeMetrics, Observer
+    from node.metrics import NodeMetrics
+    from node.observer import Observer
     from storage.db import make_engine, sqlite_url
 
     engine = make_engine(sqlite_url(tmp_path / "node.db"))
