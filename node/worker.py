@@ -206,9 +206,10 @@ class Worker:
         with stage("inference"):
             prediction = predictor.predict_tensor(tensor)
         with stage("report"):
+            reprs: dict = {}
             identity = result_identity(
                 job.series_instance_uid,
-                source_digest((str(ds.SOPInstanceUID), instance_content(ds)) for ds in datasets),
+                source_digest((str(ds.SOPInstanceUID), instance_content(ds, reprs)) for ds in datasets),
                 predictor.info.sha256,
                 prediction.cutoff,
             )

@@ -331,3 +331,26 @@ def test_a_header_correction_changes_the_result_identity(classic):
     same = pydicom.dcmread(classic[0].filename)
     same.file_meta.SourceApplicationEntityTitle = "OTHER_AE"  # who sent it does not matter
     assert instance_content(same) == instance_content(original)
+
+
+def test_remembered_header_texts_give_the_same_content(source_classic, source_enhanced, tmp_path):
+    """The worker's memo of value texts (by raw bytes) must not change a result's identity: every
+    instance's content equals the one computed without it, including two copies of a slice whose
+    patient name has the same bytes under two character sets (so two different names)."""
+    from node.identity import instance_content
+
+    paths = [Path(p) for p in source_classic.paths[:4]]
+    latin = pydicom.dcmread(paths[3])
+    latin.SpecificCharacterSet = "ISO_IR 100"
+    latin.PatientName = "M\xfcller^Anna"
+    latin.save_as(tmp_path / "latin.dcm")
+    data = (tmp_path / "latin.dcm").read_bytes()  # the same name bytes, declared Cyrillic
+    (tmp_path / "cyrillic.dcm").write_bytes(data.replace(b"ISO_IR 100", b"ISO_IR 144", 1))
+    sources = [*paths, tmp_path / "latin.dcm", tmp_path / "cyrillic.dcm", *source_enhanced.paths]
+    reprs: dict = {}
+    remembered = [instance_content(pydicom.dcmread(p), reprs) for p in sources]
+    plain = [instance_content(pydicom.dcmread(p)) for p in sources]
+    assert remembered == plain
+    name = [pydicom.dcmread(tmp_path / f).get_item(0x00100010).value for f in ("latin.dcm", "cyrillic.dcm")]
+    assert name[0] == name[1] and plain[4] != plain[5]  # same bytes, two names
+    assert reprs  # the memo was used
