@@ -105,7 +105,7 @@ def main() -> None:
                 print(f"  sr_build_ms={report:.0f}")
                 print(f"  send_ms={send:.0f} (selection, queue, C-STORE to Orthanc)")
                 other = total - max(completion, 0) - timings["inference"]
-                print(f"  share_outside_inference_and_wait={other / total:.2f}")
+                print(f"  share_outside_inference_and_wait={other / total:.3f}")
         finally:
             pacs.stop()
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from model.sop_classes import MR_IMAGE_STORAGE, MULTIFRAME_SERIES_SOP_CLASSES
@@ -42,6 +44,16 @@ _NOT_FAST = ("RealWorldValueMappingSequence", "ModalityLUTSequence", "PixelValue
              "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "ICCProfile",
              "OpticalPathSequence", "FloatPixelData", "DoubleFloatPixelData", "ImageOrientationSlide",
              "ImageCenterPointCoordinatesSequence")
+
+# What every slice of a plain classic series repeats. Where a slice's elements are byte for byte the
+# first slice's (same VR, byte order, character set), so are their values: the checks and the pixel
+# format are then decided once, on the first slice, instead of converting each value 170 times.
+_UNIFORM_TAGS = tuple(tag_for_keyword(keyword) for keyword in (
+    "SpecificCharacterSet", "SOPClassUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns",
+    "ImageOrientationPatient", "PixelSpacing", "PhotometricInterpretation", "PresentationLUTShape",
+    "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
+))
+_TRANSFER_SYNTAX_UID = tag_for_keyword("TransferSyntaxUID")
 
 # Image storage SOP classes we can assemble (MR image, Enhanced MR, Legacy Converted Enhanced MR).
 IMAGE_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, *MULTIFRAME_SERIES_SOP_CLASSES})
@@ -87,11 +99,33 @@ def _from_highdicom(vol: hd.Volume, datasets: Sequence[Dataset]) -> Volume:
     )
 
 
-def _check_classic(datasets: Sequence[Dataset]) -> None:
-    shapes = Counter((int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for ds in datasets)
+def _signature(ds: Dataset) -> tuple:
+    """The _UNIFORM_TAGS elements and the transfer syntax, for equality only: raw ones as their
+    bytes, converted ones as their values (a raw and a converted element never compare equal)."""
+    elements = [ds.get_item(tag) if tag in ds else None for tag in _UNIFORM_TAGS]
+    meta = getattr(ds, "file_meta", None)
+    elements.append(meta.get_item(_TRANSFER_SYNTAX_UID) if meta is not None and _TRANSFER_SYNTAX_UID in meta else None)
+    return tuple(
+        None if e is None
+        else ("raw", e.VR, e.is_implicit_VR, e.is_little_endian, e.value) if isinstance(e, RawDataElement)
+        else ("value", e.VR, e.value)
+        for e in elements
+    )
+
+
+def _uniform(datasets: Sequence[Dataset]) -> bool:
+    """True when every slice repeats the first slice's _UNIFORM_TAGS (see there)."""
+    first = _signature(datasets[0])
+    return all(_signature(ds) == first for ds in datasets[1:])
+
+
+def _check_classic(datasets: Sequence[Dataset], uniform: bool = False) -> None:
+    """`uniform` (`_uniform(datasets)`): rows, columns and orientation are the first slice's throughout."""
+    checked = datasets[:1] if uniform else datasets
+    shapes = Counter((int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for ds in checked)
     if len(shapes) > 1:
         raise VolumeError(f"slices have different rows x columns: {dict(shapes)}")
-    orientations = Counter(tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient", ())) for ds in datasets)
+    orientations = Counter(tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient", ())) for ds in checked)
     if len(orientations) > 1:
         raise VolumeError(f"slices have {len(orientations)} different orientations (mixed planes in one series)")
     if () in orientations:
@@ -103,18 +137,39 @@ def _check_classic(datasets: Sequence[Dataset]) -> None:
         raise VolumeError("two or more slices share one position (duplicate or mixed acquisitions)")
 
 
-def _stored_frame(ds: Dataset, rows: int, columns: int) -> np.ndarray | None:
+@dataclass(frozen=True)
+class _PixelFormat:
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    native: bool  # native little-endian Pixel Data, read in place
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(f"<{'i' if self.signed else 'u'}{self.bits_allocated // 8}")
+
+
+def _pixel_format(ds: Dataset) -> _PixelFormat | None:
+    bits_allocated, bits_stored = int(ds.BitsAllocated), int(ds.BitsStored)
+    if bits_allocated not in (8, 16) or not 1 <= bits_stored <= bits_allocated:
+        return None
+    return _PixelFormat(bits_allocated, bits_stored, int(ds.PixelRepresentation) == 1,
+                        str(ds.file_meta.TransferSyntaxUID) in _NATIVE_LITTLE_ENDIAN)
+
+
+def _stored_frame(ds: Dataset, rows: int, columns: int, pixel_format: _PixelFormat | None = None) -> np.ndarray | None:
     """The stored values of one slice as pydicom's `pixel_array` gives them; None if unsure.
 
     Native little-endian data is read in place (values masked to Bits Stored, or
     sign-extended from it, as pydicom does); anything else goes through pydicom's decoders.
+    `pixel_format` is the slice's `_pixel_format`, when already known.
     """
-    bits_allocated, bits_stored = int(ds.BitsAllocated), int(ds.BitsStored)
-    signed = int(ds.PixelRepresentation) == 1
-    if bits_allocated not in (8, 16) or not 1 <= bits_stored <= bits_allocated:
+    pixel_format = pixel_format or _pixel_format(ds)
+    if pixel_format is None:
         return None
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_allocated // 8}")
-    if str(ds.file_meta.TransferSyntaxUID) not in _NATIVE_LITTLE_ENDIAN:
+    bits_allocated, bits_stored, signed = pixel_format.bits_allocated, pixel_format.bits_stored, pixel_format.signed
+    dtype = pixel_format.dtype
+    if not pixel_format.native:
         frame = ds.pixel_array
         same_type = frame.dtype.kind == dtype.kind and frame.dtype.itemsize == dtype.itemsize
         return frame if frame.shape == (rows, columns) and same_type else None
@@ -141,18 +196,22 @@ def _rescale(ds: Dataset) -> tuple[np.float32, np.float32] | None:
     return np.float64(pair[0]).astype(np.float32), np.float64(pair[1]).astype(np.float32)
 
 
-def _fast_classic(datasets: Sequence[Dataset]) -> Volume | None:
-    """`get_volume_from_series(datasets, dtype=float32)`, bit for bit, or None where it does not apply."""
+def _fast_classic(datasets: Sequence[Dataset], uniform: bool | None = None) -> Volume | None:
+    """`get_volume_from_series(datasets, dtype=float32)`, bit for bit, or None where it does not apply.
+
+    `uniform`: `_uniform(datasets)`, when the caller knows it.
+    """
     first = datasets[0]
     if "FrameOfReferenceUID" not in first:
         return None
     rows, columns = int(first.Rows), int(first.Columns)
     orientation, pixel_spacing = first.ImageOrientationPatient, first.PixelSpacing
-    for ds in datasets:
+    uniform = _uniform(datasets) if uniform is None else uniform
+    if any("PixelData" not in ds or any(keyword in ds for keyword in _NOT_FAST) for ds in datasets):
+        return None
+    for ds in datasets[:1] if uniform else datasets:
         if (
             ds.get("SOPClassUID") != MR_IMAGE_STORAGE
-            or "PixelData" not in ds
-            or any(keyword in ds for keyword in _NOT_FAST)
             or ds.get("PhotometricInterpretation") != "MONOCHROME2"
             or ds.get("PresentationLUTShape", "IDENTITY") != "IDENTITY"
             or int(ds.get("SamplesPerPixel", 1)) != 1
@@ -171,13 +230,13 @@ def _fast_classic(datasets: Sequence[Dataset]) -> Volume | None:
         return None
     ordered = [datasets[indices.index(i)] for i in range(len(datasets))]
     array = np.empty((len(ordered), rows, columns), dtype=np.float32)
-    rescales = []
+    pixel_format = _pixel_format(first) if uniform else None
     for k, ds in enumerate(ordered):
-        frame = _stored_frame(ds, rows, columns)
+        frame = _stored_frame(ds, rows, columns, pixel_format)
         if frame is None:
             return None
         array[k] = frame  # integers of at most 16 bits: exact in float32
-        rescales.append(_rescale(ds))
+    rescales = [_rescale(first)] * len(ordered) if uniform else [_rescale(ds) for ds in ordered]
     # As highdicom: multiply only when the slope is not 1, add only when the intercept is not 0.
     shared = all(r == rescales[0] for r in rescales)
     for k, rescale in enumerate(rescales[:1] if shared else rescales):
@@ -201,10 +260,10 @@ def _fast_classic(datasets: Sequence[Dataset]) -> Volume | None:
     return _from_highdicom(volume, datasets)
 
 
-def _fast_or_none(datasets: Sequence[Dataset]) -> Volume | None:
+def _fast_or_none(datasets: Sequence[Dataset], uniform: bool | None = None) -> Volume | None:
     """The fast path; whatever it stumbles on (a missing or malformed attribute) is highdicom's to judge."""
     try:
-        return _fast_classic(datasets)
+        return _fast_classic(datasets, uniform)
     except Exception:  # noqa: BLE001  highdicom's path decides, and words the error
         return None
 
@@ -213,7 +272,7 @@ def assemble_volume(datasets: Sequence[Dataset], *, fast: bool = True) -> Volume
     """Assemble a series (single-frame slices or one multi-frame object).
 
     `fast=False` takes highdicom's `get_volume_from_series` for classic slices
-    even where the fast path applies (tests compare the two).
+    even where the fast path applies, and checks every slice (tests compare the two).
     """
     if not datasets:
         raise VolumeError("no instances in the series")
@@ -230,8 +289,9 @@ def assemble_volume(datasets: Sequence[Dataset], *, fast: bool = True) -> Volume
             return _from_highdicom(hd.Image.from_dataset(images[0], copy=False).get_volume(dtype=np.float32), images)
         if len(images) == 1:
             raise VolumeError("a single 2D slice is not a 3D volume")
-        _check_classic(images)
-        volume = _fast_or_none(images) if fast else None
+        uniform = fast and _uniform(images)
+        _check_classic(images, uniform)
+        volume = _fast_or_none(images, uniform) if fast else None
         if volume is None:
             volume = _from_highdicom(hd.get_volume_from_series(images, dtype=np.float32), images)
         return volume

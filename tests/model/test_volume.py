@@ -231,3 +231,55 @@ def test_fast_path_leaves_other_pixel_transforms_to_highdicom(classic, change):
             assemble_volume(datasets)
     else:
         _assert_same_volume(assemble_volume(datasets), expected)
+
+
+# ---- slices read from disk keep their values raw: what one slice alone changes must still be seen ----
+
+
+def _one_rescaled(ds) -> None:
+    ds.RescaleSlope = "2"
+
+
+def _one_smaller(ds) -> None:
+    ds.Rows, ds.Columns = 16, 16
+    ds.PixelData = np.zeros((16, 16), dtype=np.uint16).tobytes()
+
+
+def _one_turned(ds) -> None:
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+
+
+def _one_signed(ds) -> None:
+    ds.PixelRepresentation = 1
+    ds.PixelData = (ds.pixel_array.astype(np.int32) - 2000).astype(np.int16).tobytes()  # negative values
+
+
+def _one_of_another_series(ds) -> None:
+    uid = str(ds.SeriesInstanceUID)
+    ds.SeriesInstanceUID = uid[:-1] + ("2" if uid[-1] == "1" else "1")
+
+
+ONE_SLICE_CHANGES = [_one_rescaled, _monochrome1, _one_smaller, _one_turned, _one_signed, _one_of_another_series,
+                     _real_world_values]
+
+
+@pytest.mark.parametrize("change", ONE_SLICE_CHANGES, ids=lambda f: f.__name__.strip("_"))
+def test_one_slice_that_differs_on_disk_is_judged_as_highdicom_judges_it(classic, tmp_path, change):
+    """The fast path decides the format once when every slice repeats the first one's bytes
+    (model.volume._uniform): a single slice whose file says otherwise must still be read as highdicom
+    reads it, or refused with highdicom's reason."""
+    from model.volume import _uniform
+
+    for k, src in enumerate(sorted(classic.iterdir())):
+        ds = pydicom.dcmread(src)
+        if k == 7:
+            change(ds)
+        ds.save_as(tmp_path / src.name)
+    assert _uniform(read_series_dir(classic))
+    try:
+        expected = assemble_volume(read_series_dir(tmp_path), fast=False)
+    except VolumeError as exc:
+        with pytest.raises(VolumeError, match=re.escape(str(exc))):
+            assemble_volume(read_series_dir(tmp_path))
+    else:
+        _assert_same_volume(assemble_volume(read_series_dir(tmp_path)), expected)

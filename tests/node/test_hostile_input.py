@@ -681,7 +681,7 @@ def _raw_data_in_image_series(h: Harness) -> list[Dataset]:
     """100 images and a Raw Data object; its UID (2.25...) sorts after theirs (1.2.826...), so the
     series' first instance, the one selection reads, is an image."""
     datasets = _series(h)
-    raw = _non_image(str(RawDataStorage), datasets[0], f"2.25.{generate_uid()[27:]}")
+    raw = _non_image(str(RawDataStorage), datasets[0], generate_uid(prefix=None))
     del raw.ImagesInAcquisition
     return [*datasets, raw]
 
