@@ -148,7 +148,8 @@ class Worker:
         job = self.queue.claim()
         if job is None:
             return False
-        with log_context(job=job.job_id, series=job.series_instance_uid), self._heartbeat(job.job_id):
+        with log_context(job=job.job_id, series=job.series_instance_uid), self._heartbeat(job.job_id), \
+                collector_paused():
             try:
                 self.process(job)
             except Exception as exc:
@@ -310,6 +311,24 @@ class Worker:
                     stop.wait(poll_seconds)
                 else:
                     work_ready.acquire(timeout=poll_seconds)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a job runs, and one collection when it ends.
+
+    A job makes ~10^5 container objects (170 headers, the SR's content tree). With the collector on,
+    a first 170-slice job ran ~340 collections, ~0.1 s of its time to result. Reference counting
+    still frees everything but cycles at once; the cycles one job leaves wait for its end.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+            gc.collect()
 
 
 def _full_size_volume(spec):  # noqa: ANN001, ANN202  model.preprocess.InputSpec -> model.volume.Volume

@@ -1,5 +1,6 @@
-"""node/worker.py keep_freed_memory: a worker reuses the memory of the last series' arrays instead of
-page-faulting fresh mappings for every series."""
+"""node/worker.py memory habits: keep_freed_memory (a worker reuses the memory of the last series'
+arrays instead of page-faulting fresh mappings for every series) and collector_paused (no cyclic
+garbage collection inside a job; one when it ends)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,44 @@ def test_a_freed_large_array_stays_in_the_heap_for_the_next_series():
     assert kept["kept"] is True
     assert default["released_mb"] > 60, default  # glibc's default: unmapped at once, faulted in again next time
     assert kept["released_mb"] < 4, kept  # kept in the heap: the next series' arrays reuse it
+
+
+def test_no_garbage_collection_inside_a_job_and_its_cycles_freed_after():
+    import gc
+    import weakref
+
+    from node.worker import collector_paused
+
+    class Node:
+        pass
+
+    collections = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    assert gc.isenabled()
+    gc.callbacks.append(count)
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+            first = Node()
+            first.me = first  # a cycle: only the collector frees it
+            alive = weakref.ref(first)
+            del first
+            for _ in range(50_000):  # far past gen0's threshold (700 allocations)
+                node = Node()
+                node.me = node
+            assert alive() is not None and collections == []
+        assert gc.isenabled()
+        assert alive() is None  # collected as the job ended
+    finally:
+        gc.callbacks.remove(count)
+    gc.disable()  # a collector found off stays off
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
