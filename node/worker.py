@@ -284,18 +284,10 @@ class Worker:
         # keep_freed_memory), so the first job does not pay for it.
         predictor.preprocess(_full_size_volume(info.input_spec))
 
-    def run(self, stop: threading.Event, work_ready=None, poll_seconds: float = POLL_SECONDS) -> None:  # noqa: ANN001
-        """Load the model and warm up first (seconds), then take jobs.
-
-        Between jobs the worker waits on `work_ready` (a multiprocessing semaphore
-        serve releases once per job it queues), so a queued job starts at once;
-        it looks for due jobs every `poll_seconds` anyway (retries, replays queued
-        by another process).
-        """
+    def start_up(self) -> None:
+        """Load the model and warm up (seconds; a minute where the demo model is built first)."""
         started = time.perf_counter()
         _ = self.predictor
-        if stop.is_set():  # serve ended while the model loaded: nothing to warm up for
-            return
         try:
             self.warm_up()
         except Exception:  # noqa: BLE001  a failed warm-up costs the first job time, nothing else
@@ -305,12 +297,53 @@ class Worker:
         gc.collect()
         gc.freeze()
         log.info("worker ready in %.1f s", time.perf_counter() - started)
+
+    def take_jobs(self, stop: threading.Event, work_ready=None, poll_seconds: float = POLL_SECONDS) -> None:  # noqa: ANN001
+        """Take jobs until `stop`; a job under way is finished first.
+
+        Between jobs the worker waits on `work_ready` (a multiprocessing semaphore
+        serve releases once per job it queues), so a queued job starts at once;
+        it looks for due jobs every `poll_seconds` anyway (retries, replays queued
+        by another process).
+        """
         while not stop.is_set():
             if not self.run_once():
                 if work_ready is None:
                     stop.wait(poll_seconds)
                 else:
                     work_ready.acquire(timeout=poll_seconds)
+
+
+@contextlib.contextmanager
+def exit_on_stop(stop: threading.Event) -> Iterator[None]:
+    """A stop request during start-up ends the process at once.
+
+    Start-up (imports, loading the model or building the demo model, the runtime's export and
+    compile, warm-up) holds no job, and what it writes is written aside and renamed into place, so
+    nothing is lost. Finishing it first could take longer than serve waits for a worker
+    (WORKER_STOP_SECONDS: the demo model takes about a minute to build), and serve would kill it.
+    """
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def watch() -> None:
+        while not done.is_set():
+            if stop.wait(0.1):
+                with lock:  # never after the with block: then a job may be held
+                    if not done.is_set():
+                        log.info("stopped during start-up")
+                        for handler in logging.getLogger().handlers:
+                            handler.flush()
+                        os._exit(0)
+
+    watcher = threading.Thread(target=watch, name="start-up-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        with lock:
+            done.set()
+        watcher.join()
 
 
 @contextlib.contextmanager
@@ -424,6 +457,9 @@ def worker_main(config_path: str | None, overrides: dict, work_ready=None, resul
     # process dies, and any node can take it back if our lease runs out.
     queue = JobQueue(engine, lease_seconds=settings.worker.lease_seconds)
     try:
-        Worker(settings, queue, results_ready).run(stop, work_ready)
+        worker = Worker(settings, queue, results_ready)
+        with exit_on_stop(stop):  # this process is the worker's own: it may end itself
+            worker.start_up()
+        worker.take_jobs(stop, work_ready)
     finally:
         engine.dispose()

@@ -289,9 +289,14 @@ class OrthancProcess:
         wait_until(ready, timeout=60, what="Orthanc")
         return self
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM, and wait for Orthanc's orderly stop (about 3 s: its servers' poll timeouts).
+        `kill` (SIGKILL) is for teardown, when nothing more is read from it."""
         if self.proc is not None:
-            self.proc.terminate()
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:

@@ -23,7 +23,7 @@ def orthanc_factory(tmp_path):
 
     yield make
     for pacs in started:
-        pacs.stop()
+        pacs.stop(kill=True)
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def pacs(tmp_path_factory, study):
     """One Orthanc for the module (its start and stop cost seconds); which modalities it knows is set per test."""
     pacs = start_pacs(tmp_path_factory.mktemp("orthanc"), study)
     yield pacs
-    pacs.stop()
+    pacs.stop(kill=True)
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def own_pacs(tmp_path, study):
 
     yield make
     for pacs in started:
-        pacs.stop()
+        pacs.stop(kill=True)
 
 
 @pytest.fixture

@@ -190,9 +190,7 @@ def orthancs(tmp_path_factory):
         yield tuple(started)
     finally:
         for pacs in started:
-            pacs.proc.terminate()
-        for pacs in started:
-            pacs.stop()
+            pacs.stop(kill=True)
 
 
 @pytest.fixture

@@ -119,6 +119,24 @@ def test_sigkill_of_serve_ends_its_worker(node_factory, tiny_checkpoint, small_s
     assert_no_instance_lost(node, acknowledged)
 
 
+def test_a_stop_while_the_worker_starts_ends_serve_at_once(node_factory):
+    """SIGTERM while the worker builds the demo model (about a minute; serve waits WORKER_STOP_SECONDS for
+    a worker, then kills it): the worker holds no job yet, so it ends at once, and so does serve. The
+    half-built model is never taken for one."""
+    marker = f"supervision-{uuid.uuid4()}"
+    node = _start_marked(node_factory(workers=1), marker)  # no checkpoint: the demo model is built first
+    wait_until(lambda: "using the synthetic demo model, built once" in node.log_text(), timeout=60,
+               what="the worker to start building the demo model")
+    node.proc.send_signal(signal.SIGTERM)
+    code = node.proc.wait(WORKER_STOP_SECONDS - 10)  # killed after WORKER_STOP_SECONDS without the fix
+    node.proc = None
+    log = node.log_text()
+    assert code == 0, log[-2000:]
+    assert "stopped during start-up" in log and "did not stop" not in log and "worker ready" not in log
+    wait_until(lambda: not processes_marked(marker), timeout=20, what="every process of serve to end")
+    assert not (node.data_dir / "models" / "demo").exists(), "an interrupted build left where a model is looked for"
+
+
 def test_dead_worker_is_restarted_and_its_job_counts_an_attempt(node_factory, tiny_checkpoint, t1_series):
     marker = f"supervision-{uuid.uuid4()}"
     node = node_factory(workers=1, checkpoint=tiny_checkpoint, idle_seconds=1, runtime="torch")

@@ -74,7 +74,7 @@ def pacs(tmp_path_factory, tiny_checkpoint):
     finally:
         if node is not None:
             node.stop()
-        orthanc.stop()
+        orthanc.stop(kill=True)
 
 
 @pytest.fixture(scope="module")

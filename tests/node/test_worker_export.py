@@ -82,7 +82,11 @@ def test_worker_warms_up_then_takes_each_job_as_soon_as_serve_signals_it(service
     worker = Worker(svc.settings, svc.queue, results_ready)
     stop = threading.Event()
     caplog.set_level(logging.INFO, logger="node.worker")
-    thread = threading.Thread(target=worker.run, args=(stop, work_ready), kwargs={"poll_seconds": 3600})
+    def run() -> None:  # what worker_main does, in this process (so without exit_on_stop)
+        worker.start_up()
+        worker.take_jobs(stop, work_ready, poll_seconds=3600)
+
+    thread = threading.Thread(target=run)
     thread.start()
     try:
         # Version 1 was queued before the worker started: it takes it after the warm-up.
