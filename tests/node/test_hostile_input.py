@@ -39,7 +39,9 @@ from __future__ import annotations
 import copy
 import io
 import re
+import shutil
 import struct
+import tempfile
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -321,9 +323,12 @@ class Harness:
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory, tiny_checkpoint) -> Iterator[Harness]:
     top = tmp_path_factory.mktemp("hostile")
-    root, escape, work = top / "node", top / "escape-target", top / "work"
-    for d in (root, escape, work):
+    root, work = top / "node", top / "work"
+    for d in (root, work):
         d.mkdir()
+    # Short, so that an absolute path under it still fits a UID's 64 characters (pytest's own folders,
+    # /tmp/pytest-of-<user>/pytest-<n>/popen-gw<k>/..., can make it 66 and another refusal).
+    escape = Path(tempfile.mkdtemp(prefix="esc-"))
     series = write_series(work / "template", slices=101, rows=16, columns=16, spacing=1.0, seed=11)
     template = sorted((pydicom.dcmread(p) for p in series.paths), key=lambda ds: float(ds.SliceLocation))
     # The tiny checkpoint only matters if a series meant to fail assembly reached the model.
@@ -334,6 +339,7 @@ def harness(tmp_path_factory, tiny_checkpoint) -> Iterator[Harness]:
         yield Harness(node, root, work, escape, template)
     finally:
         node.stop()
+        shutil.rmtree(escape, ignore_errors=True)
 
 
 # ---- instance cases ------------------------------------------------------------------------------
@@ -441,7 +447,9 @@ def _undefined_ob(h: Harness) -> list[Raw]:
 
 
 def _abs(h: Harness, name: str) -> str:
-    return str(h.escape / name)
+    path = str(h.escape / name)
+    assert len(path) <= 64, f"{path} is no UID-length path: the case would test another refusal"
+    return path
 
 
 INSTANCE_CASES: list[InstanceCase] = [
