@@ -201,12 +201,14 @@ def _fast_classic(datasets: Sequence[Dataset], uniform: bool | None = None) -> V
 
     `uniform`: `_uniform(datasets)`, when the caller knows it.
     """
+    # Before any value below is read: reading converts the first slice's elements, and a converted
+    # element never matches the other slices' raw ones.
+    uniform = _uniform(datasets) if uniform is None else uniform
     first = datasets[0]
     if "FrameOfReferenceUID" not in first:
         return None
     rows, columns = int(first.Rows), int(first.Columns)
     orientation, pixel_spacing = first.ImageOrientationPatient, first.PixelSpacing
-    uniform = _uniform(datasets) if uniform is None else uniform
     if any("PixelData" not in ds or any(keyword in ds for keyword in _NOT_FAST) for ds in datasets):
         return None
     for ds in datasets[:1] if uniform else datasets:

@@ -44,7 +44,7 @@ CONTENT_KEYWORDS = (
 
 
 _CONTENT_TAGS = tuple((keyword, tag_for_keyword(keyword)) for keyword in CONTENT_KEYWORDS)
-_SPECIFIC_CHARACTER_SET = 0x00080005
+_SPECIFIC_CHARACTER_SET = tag_for_keyword("SpecificCharacterSet")
 
 
 def instance_content(ds, reprs: dict | None = None) -> bytes:  # noqa: ANN001  pydicom.Dataset
